@@ -1,0 +1,1 @@
+//! MetadataStore implementations.

@@ -1,0 +1,60 @@
+//! `BlockStore`: chunk storage on one node.
+//!
+//! A store holds chunks of a fixed size (`chunk_size`, set when it is opened)
+//! and a pool of a fixed `capacity` in bytes. Semantics every implementation
+//! provides (the conformance suite checks them):
+//!
+//! - I/O is at byte offsets inside a chunk: a 4 KiB write moves 4 KiB. A range
+//!   with `offset + len > chunk_size` is `InvalidArgument`.
+//! - Ranges never written, zeroed or trimmed read as zeros; a chunk never
+//!   written reads as zeros and is not listed.
+//! - Space is accounted in [`SECTOR`]-sized (4 KiB) blocks: `used()` counts
+//!   every 4 KiB block of every chunk that holds data. A write that would make
+//!   `used()` exceed `capacity()` fails with `NoSpace` and changes nothing.
+//! - `zero` makes a range read as zeros and frees the whole 4 KiB blocks inside
+//!   it (`used()` drops); `delete_chunk` frees all of a chunk.
+//! - `flush` is a durability barrier: when it returns, every write, zero and
+//!   delete that completed before it was called survives a crash or power loss.
+//!   Nothing is promised for operations not yet flushed.
+//! - Persistent stores reopened on the same directory see exactly what was
+//!   flushed (and perhaps more).
+//! - All methods may be called concurrently; writes to different chunks, or to
+//!   disjoint ranges of one chunk, do not interfere.
+
+use crate::{ChunkRef, Result, VolumeId};
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Allocation granule of every block store, and the checksum block size.
+pub const SECTOR: u64 = 4096;
+
+#[async_trait]
+pub trait BlockStore: Send + Sync + 'static {
+    /// Size in bytes of every chunk in this store.
+    fn chunk_size(&self) -> u64;
+    /// Size of the pool in bytes.
+    fn capacity(&self) -> u64;
+    /// Bytes of the pool in use (4 KiB blocks holding data).
+    async fn used(&self) -> Result<u64>;
+    /// Read `len` bytes at `offset` in `chunk`; unwritten ranges are zeros.
+    async fn read(&self, chunk: ChunkRef, offset: u64, len: u64) -> Result<Bytes>;
+    /// Write `data` at `offset` in `chunk`, creating the chunk if needed.
+    async fn write(&self, chunk: ChunkRef, offset: u64, data: Bytes) -> Result<()>;
+    /// Make `[offset, offset+len)` of `chunk` read as zeros, freeing space.
+    async fn zero(&self, chunk: ChunkRef, offset: u64, len: u64) -> Result<()>;
+    /// Make everything completed so far durable.
+    async fn flush(&self) -> Result<()>;
+    /// Remove a chunk and free its space. Removing an absent chunk is not an error.
+    async fn delete_chunk(&self, chunk: ChunkRef) -> Result<()>;
+    /// Every chunk that holds data, in order.
+    async fn list_chunks(&self) -> Result<Vec<ChunkRef>>;
+    /// Remove every chunk of a volume.
+    async fn delete_volume(&self, volume: VolumeId) -> Result<()> {
+        for chunk in self.list_chunks().await? {
+            if chunk.volume == volume {
+                self.delete_chunk(chunk).await?;
+            }
+        }
+        Ok(())
+    }
+}
