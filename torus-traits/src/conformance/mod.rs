@@ -5,5 +5,6 @@
 
 pub mod block_device;
 pub mod block_store;
+pub mod frontend;
 pub mod metadata;
 pub mod transport;

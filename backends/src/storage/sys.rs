@@ -1,0 +1,109 @@
+//! The few Linux calls std does not expose: finding data and holes in a
+//! sparse file (`lseek` `SEEK_DATA`/`SEEK_HOLE`), allocating and punching
+//! blocks (`fallocate`), starting writeback early (`sync_file_range`),
+//! dropping cached pages (`posix_fadvise`) and the descriptor limit
+//! (`getrlimit`). Each wrapper takes a borrowed `File`, so the
+//! descriptor is valid for the duration of the call.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Whether an error means "this file system cannot do that".
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS))
+}
+
+/// The first offset at or after `from` that holds data, or `None` when only
+/// holes follow.
+pub(crate) fn seek_data(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_DATA)
+}
+
+/// The first hole at or after `from` (the end of the file counts as one).
+pub(crate) fn seek_hole(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_HOLE)
+}
+
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let from = off_t(from)?;
+    // SAFETY: lseek on a descriptor kept open by the borrowed `file`; it
+    // touches no memory of ours. Moving the file position is harmless: all
+    // I/O in these stores is positional.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    u64::try_from(r)
+        .map(Some)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// Deallocates `[offset, offset+len)`: it reads as zeros afterwards and whole
+/// file-system blocks inside it are freed. The file size is unchanged.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Allocates `[offset, offset+len)` without changing the file size or data,
+/// so that later stores through a mapping cannot fail for lack of space.
+pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(file, libc::FALLOC_FL_KEEP_SIZE, offset, len)
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (off_t(offset)?, off_t(len)?);
+    loop {
+        // SAFETY: fallocate on a descriptor kept open by the borrowed `file`;
+        // it touches no memory of ours.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Starts writeback of all of `file`'s dirty pages without waiting, so that a
+/// flush covering many files waits for their I/O together rather than one
+/// file after another. Errors are ignored: the `fdatasync` that follows
+/// reports them.
+pub(crate) fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range on a descriptor kept open by the borrowed
+    // `file`; it touches no memory of ours.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// Asks the kernel to drop `file`'s clean cached pages (best effort).
+pub(crate) fn drop_cached_pages(file: &File) {
+    // SAFETY: posix_fadvise on a descriptor kept open by the borrowed `file`;
+    // it touches no memory of ours.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// The soft limit on open descriptors of this process, if known.
+pub(crate) fn open_files_soft_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a pointer to a live local.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    (r == 0).then_some(lim.rlim_cur)
+}

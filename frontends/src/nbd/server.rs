@@ -1,0 +1,977 @@
+//! The NBD server: a [`Frontend`] that exports every volume of a
+//! [`VolumeProvider`] over TCP.
+//!
+//! One task per connection. The handshake (fixed newstyle) runs under a
+//! timeout; then the connection splits in three kinds of task:
+//!
+//! - the **reader** (the connection task itself) reads request headers in
+//!   order, and for a `WRITE` reads the whole payload before the next header
+//!   (or drains it when the request is refused) so the stream stays in step;
+//! - one **request task** per accepted request calls the device, so the
+//!   requests of one connection run concurrently;
+//! - one **writer** task owns the socket's write half and writes the replies
+//!   it receives on a channel, so replies never interleave. Replies are
+//!   batched in a `BufWriter`; a large `READ` payload bypasses the buffer and
+//!   goes to the socket without a copy.
+//!
+//! Back-pressure: every request holds a slot (and, for data-carrying
+//! requests, its byte count) of two per-connection semaphores from the moment
+//! its header is read until its reply is written. When either runs out the
+//! reader stops reading, so a client cannot make the server buffer more than
+//! `max_in_flight` requests or `max_in_flight_bytes` of data.
+//!
+//! Two error levels, as in the protocol: a bad *request* gets an error reply
+//! and the connection goes on; a broken *stream* (wrong magic, a `WRITE`
+//! longer than the server accepts, a client gone mid-message) ends that
+//! connection only. When a connection ends, its in-flight requests finish,
+//! the device is flushed (so a clean client disconnect persists data), and
+//! the device handle is dropped (the provider releases the volume's lock on
+//! the last drop).
+
+use super::proto::{
+    self, client, cmd_flag, errno, handshake, opt, rep, transmission, ClientOption, Command, Info,
+    InfoRequest, OptionHeader, OptionReply, ProtoError, Request, SimpleReply, CLIENT_FLAGS_LEN,
+    OPTION_HEADER_LEN, REQUEST_HEADER_LEN,
+};
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use torus_traits::{BlockDevice, Error, Frontend, Result, Shutdown, VolumeProvider};
+use tracing::{debug, error, info, warn};
+
+/// Handshake flags this server advertises.
+const HANDSHAKE_FLAGS: u16 = handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES;
+/// Command flags we never negotiate (they need structured replies).
+const UNNEGOTIATED_FLAGS: u16 = cmd_flag::DF | cmd_flag::REQ_ONE;
+/// Socket read buffer: big enough to batch many small headers, small enough
+/// that large `WRITE` payloads bypass it.
+const READ_BUFFER: usize = 64 * 1024;
+/// Reply buffer: batches small replies into one syscall.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Settings of an [`NbdFrontend`].
+#[derive(Debug, Clone)]
+pub struct NbdOptions {
+    /// Longest `READ` or `WRITE` accepted (advertised as the maximum block size).
+    pub max_request: u32,
+    /// Requests of one connection in flight at once; the server stops reading
+    /// from the connection while this many are unanswered.
+    pub max_in_flight: usize,
+    /// Bytes of `READ`/`WRITE` data one connection may have in flight.
+    pub max_in_flight_bytes: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long connections get to finish in-flight requests
+    /// before they are closed.
+    pub shutdown_grace: Duration,
+    /// Open every volume read-only and advertise `NBD_FLAG_READ_ONLY`.
+    pub read_only: bool,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            max_request: 32 * 1024 * 1024,
+            max_in_flight: 128,
+            max_in_flight_bytes: 128 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            read_only: false,
+        }
+    }
+}
+
+impl NbdOptions {
+    fn validate(&self) -> Result<()> {
+        let bad = |why: &str| Err(Error::InvalidArgument(format!("NBD options: {why}")));
+        if self.max_request < 4096 {
+            return bad("max_request must be at least 4096");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > u32::MAX as usize / 2 {
+            return bad("max_in_flight must be between 1 and 2^31");
+        }
+        // A budget below max_request is allowed: one large request then
+        // takes the whole budget and runs alone.
+        if self.max_in_flight_bytes == 0 || self.max_in_flight_bytes > Semaphore::MAX_PERMITS {
+            return bad("max_in_flight_bytes must be between 1 and 2^61");
+        }
+        Ok(())
+    }
+}
+
+/// The NBD server frontend (see the module docs).
+pub struct NbdFrontend {
+    /// Taken by `serve`, and closed when it returns: a stopped frontend
+    /// must not leave connections queueing in the kernel's backlog.
+    listener: std::sync::Mutex<Option<TcpListener>>,
+    local_addr: SocketAddr,
+    provider: Arc<dyn VolumeProvider>,
+    options: Arc<NbdOptions>,
+}
+
+impl NbdFrontend {
+    /// Bind the listening socket (port 0 picks a free port; see
+    /// [`Frontend::local_addr`]). Nothing is accepted until `serve`, which
+    /// may be called once.
+    pub async fn bind(
+        addr: SocketAddr,
+        provider: Arc<dyn VolumeProvider>,
+        options: NbdOptions,
+    ) -> Result<NbdFrontend> {
+        options.validate()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("bind NBD listener on {addr}"), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("NBD listener address", e))?;
+        Ok(NbdFrontend {
+            listener: std::sync::Mutex::new(Some(listener)),
+            local_addr,
+            provider,
+            options: Arc::new(options),
+        })
+    }
+}
+
+/// Resolves when the value turns true, or when the sender is gone (nobody
+/// can ever tell us to go on, so stopping is the only safe reading).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+#[async_trait]
+impl Frontend for NbdFrontend {
+    fn name(&self) -> &str {
+        "nbd"
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        Some(self.local_addr)
+    }
+
+    async fn serve(&self, mut shutdown: Shutdown) -> Result<()> {
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::Closed("NBD frontend already served".into()))?;
+        info!(addr = %self.local_addr, "NBD server listening");
+
+        // Connections watch this instead of `shutdown` so they stop only
+        // once we have stopped accepting.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        connections.spawn(run_connection(
+                            stream,
+                            peer,
+                            self.provider.clone(),
+                            self.options.clone(),
+                            stop_rx.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(done) = connections.join_next(), if !connections.is_empty() => {
+                    log_join(done);
+                }
+            }
+        }
+        drop(listener);
+        info!(
+            connections = connections.len(),
+            "NBD server stopping: no longer accepting"
+        );
+        let _ = stop_tx.send(true);
+        let drain = async {
+            while let Some(done) = connections.join_next().await {
+                log_join(done);
+            }
+        };
+        if tokio::time::timeout(self.options.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            warn!(
+                connections = connections.len(),
+                "NBD connections still busy after the grace period; closing them"
+            );
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+        }
+        info!("NBD server stopped");
+        Ok(())
+    }
+}
+
+fn log_join(done: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            error!("NBD connection task panicked: {e}");
+        }
+    }
+}
+
+// --- one connection ----------------------------------------------------------
+
+/// Why a connection ended early; logged, never propagated past the connection.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtoError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ConnError {
+    fn log(&self, peer: SocketAddr, phase: &str) {
+        match self {
+            ConnError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                debug!(%peer, "NBD client went away during {phase}: {e}")
+            }
+            ConnError::Io(e) => info!(%peer, "NBD connection I/O error during {phase}: {e}"),
+            ConnError::Protocol(e) => {
+                warn!(%peer, "NBD client broke the protocol during {phase}: {e}; closing")
+            }
+            ConnError::Refused(why) => warn!(%peer, "NBD export refused: {why}; closing"),
+        }
+    }
+}
+
+/// An export chosen during the handshake.
+struct Export {
+    name: String,
+    device: Arc<dyn BlockDevice>,
+    size: u64,
+    flags: u16,
+    read_only: bool,
+}
+
+async fn run_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    provider: Arc<dyn VolumeProvider>,
+    options: Arc<NbdOptions>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(%peer, "TCP_NODELAY: {e}");
+    }
+    debug!(%peer, "NBD client connected");
+    let (rd, wr) = stream.into_split();
+    // One reader for both phases: a client may pipeline its first request
+    // right behind NBD_OPT_GO, and those bytes must not be lost.
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
+
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(
+            options.handshake_timeout,
+            negotiate(&mut rd, &mut wr, provider.as_ref(), &options),
+        ) => r,
+        _ = stopped(&mut stop) => {
+            debug!(%peer, "server stopping during the handshake; closing");
+            return;
+        }
+    };
+    let export = match negotiated {
+        Err(_) => {
+            warn!(%peer, "NBD handshake timed out; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            e.log(peer, "handshake");
+            return;
+        }
+        Ok(Ok(None)) => {
+            debug!(%peer, "NBD client ended the handshake");
+            return;
+        }
+        Ok(Ok(Some(export))) => export,
+    };
+    info!(%peer, export = %export.name, size = export.size, read_only = export.read_only,
+          "NBD client attached");
+    transmission(rd, wr, export, peer, &options, stop).await;
+}
+
+/// Send the option replies gathered in `out`.
+async fn send(wr: &mut BufWriter<OwnedWriteHalf>, out: &[u8]) -> io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+/// Fixed newstyle negotiation. `Ok(None)` when the client aborts.
+async fn negotiate(
+    rd: &mut BufReader<OwnedReadHalf>,
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    provider: &dyn VolumeProvider,
+    options: &NbdOptions,
+) -> std::result::Result<Option<Export>, ConnError> {
+    send(wr, &proto::encode_greeting(HANDSHAKE_FLAGS)).await?;
+    let mut flags = [0u8; CLIENT_FLAGS_LEN];
+    rd.read_exact(&mut flags).await?;
+    // Unknown client flags: the spec says the server MUST drop the connection.
+    let client_flags = proto::decode_client_flags(&flags, HANDSHAKE_FLAGS)?;
+    let no_zeroes = client_flags & client::NO_ZEROES != 0;
+
+    let mut out = Vec::with_capacity(256);
+    loop {
+        let mut header = [0u8; OPTION_HEADER_LEN];
+        rd.read_exact(&mut header).await?;
+        // Wrong magic or an option over MAX_OPTION_LEN: we cannot stay in
+        // step (or refuse to buffer that much), so the connection ends.
+        let header = OptionHeader::decode(&header)?;
+        let mut data = vec![0u8; header.len as usize];
+        rd.read_exact(&mut data).await?;
+        out.clear();
+
+        let option = match ClientOption::parse(header.option, &data) {
+            Ok(option) => option,
+            // NBD_OPT_EXPORT_NAME has no error reply: hard disconnect.
+            Err(e) if header.option == opt::EXPORT_NAME => return Err(e.into()),
+            Err(e) => {
+                debug!("malformed option {}: {e}", header.option);
+                OptionReply::Error {
+                    code: rep::ERR_INVALID,
+                    message: e.to_string(),
+                }
+                .encode(header.option, &mut out);
+                send(wr, &out).await?;
+                continue;
+            }
+        };
+        match option {
+            ClientOption::Abort => {
+                OptionReply::Ack.encode(opt::ABORT, &mut out);
+                // The client may already have closed; that is fine.
+                let _ = send(wr, &out).await;
+                let _ = wr.shutdown().await;
+                return Ok(None);
+            }
+            ClientOption::List => match provider.list().await {
+                Ok(exports) => {
+                    for e in exports {
+                        OptionReply::Server {
+                            name: e.name,
+                            description: e.description,
+                        }
+                        .encode(opt::LIST, &mut out);
+                    }
+                    OptionReply::Ack.encode(opt::LIST, &mut out);
+                }
+                Err(e) => open_error_reply(&e).encode(opt::LIST, &mut out),
+            },
+            ClientOption::ExportName(name) => match open_export(provider, &name, options, false)
+                .await
+            {
+                Ok(export) => {
+                    proto::encode_export_name_reply(export.size, export.flags, no_zeroes, &mut out);
+                    send(wr, &out).await?;
+                    return Ok(Some(export));
+                }
+                Err(e) => {
+                    return Err(ConnError::Refused(format!(
+                        "NBD_OPT_EXPORT_NAME {name:?}: {e}"
+                    )))
+                }
+            },
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                let go = header.option == opt::GO;
+                match open_export(provider, &req.name, options, !go).await {
+                    Ok(export) => {
+                        encode_infos(&export, &req, provider, options, header.option, &mut out)
+                            .await;
+                        OptionReply::Ack.encode(header.option, &mut out);
+                        if go {
+                            send(wr, &out).await?;
+                            return Ok(Some(export));
+                        }
+                        // NBD_OPT_INFO: the read-only probe handle is dropped here.
+                    }
+                    Err(e) => {
+                        debug!("option {} for {:?} refused: {e}", header.option, req.name);
+                        open_error_reply(&e).encode(header.option, &mut out);
+                    }
+                }
+            }
+            ClientOption::StartTls | ClientOption::StructuredReply | ClientOption::Unknown(_) => {
+                OptionReply::Error {
+                    code: rep::ERR_UNSUP,
+                    message: format!("option {} is not supported", header.option),
+                }
+                .encode(header.option, &mut out);
+            }
+        }
+        send(wr, &out).await?;
+    }
+}
+
+/// The option error for a failed open; the message is the error's text so
+/// the client shows e.g. "locked: held by node X".
+fn open_error_reply(e: &Error) -> OptionReply {
+    let code = match e {
+        Error::NotFound(_) => rep::ERR_UNKNOWN,
+        Error::InvalidArgument(_) => rep::ERR_INVALID,
+        Error::Closed(_) => rep::ERR_SHUTDOWN,
+        // There is no generic "server error" reply; POLICY ("known, valid,
+        // but the server will not") fits a lock held elsewhere best, and the
+        // message says what really happened.
+        _ => rep::ERR_POLICY,
+    };
+    OptionReply::Error {
+        code,
+        message: e.to_string(),
+    }
+}
+
+/// Resolve a name (empty = the only volume, if there is exactly one) and
+/// open it. A volume the provider will only open read-only is exported
+/// read-only rather than refused.
+///
+/// With `probe` (for `NBD_OPT_INFO`) the volume is opened read-only whatever
+/// the mode: asking about a volume must not take (and bump the epoch of) its
+/// writer lock, and `nbdinfo --list` must still show a volume another node
+/// holds. The flags reported are those a writable attach would get; the
+/// lock, if any, is reported by `NBD_OPT_GO`.
+async fn open_export(
+    provider: &dyn VolumeProvider,
+    requested: &str,
+    options: &NbdOptions,
+    probe: bool,
+) -> Result<Export> {
+    let name = if requested.is_empty() {
+        let exports = provider.list().await?;
+        match exports.as_slice() {
+            [only] => only.name.clone(),
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "no default export: {} volumes exist, name one",
+                    exports.len()
+                )))
+            }
+        }
+    } else {
+        requested.to_owned()
+    };
+    let device = match provider.open(&name, options.read_only || probe).await {
+        Err(Error::ReadOnly(_)) if !options.read_only => provider.open(&name, true).await?,
+        other => other?,
+    };
+    let read_only = options.read_only || (!probe && device.read_only());
+    let mut flags = transmission::HAS_FLAGS | transmission::SEND_FLUSH | transmission::SEND_FUA;
+    if read_only {
+        flags |= transmission::READ_ONLY;
+    } else {
+        flags |= transmission::SEND_TRIM
+            | transmission::SEND_WRITE_ZEROES
+            | transmission::SEND_FAST_ZERO;
+    }
+    if device.multi_conn_safe() {
+        flags |= transmission::CAN_MULTI_CONN;
+    }
+    Ok(Export {
+        name,
+        size: device.size(),
+        device,
+        flags,
+        read_only,
+    })
+}
+
+/// Block size constraints: any alignment (min 1), the device's preferred
+/// size as a power of two in [512, max], and our request cap as the max.
+fn block_sizes(preferred: u32, max: u32) -> (u32, u32, u32) {
+    let mut pref = preferred.clamp(512, 1 << 30).next_power_of_two();
+    while pref > max && pref > 512 {
+        pref /= 2;
+    }
+    (1, pref, max)
+}
+
+async fn encode_infos(
+    export: &Export,
+    req: &InfoRequest,
+    provider: &dyn VolumeProvider,
+    options: &NbdOptions,
+    option: u32,
+    out: &mut Vec<u8>,
+) {
+    OptionReply::Info(Info::Export {
+        size: export.size,
+        flags: export.flags,
+    })
+    .encode(option, out);
+    // Sent even when not asked for (the spec allows it): we do enforce a
+    // maximum, and clients that understand it use it.
+    let (min, preferred, max) =
+        block_sizes(export.device.preferred_block_size(), options.max_request);
+    OptionReply::Info(Info::BlockSize {
+        min,
+        preferred,
+        max,
+    })
+    .encode(option, out);
+    if req.requests.contains(&proto::info::NAME) {
+        OptionReply::Info(Info::Name(export.name.clone())).encode(option, out);
+    }
+    if req.requests.contains(&proto::info::DESCRIPTION) {
+        if let Ok(info) = provider.info(&export.name).await {
+            OptionReply::Info(Info::Description(info.description)).encode(option, out);
+        }
+    }
+}
+
+// --- transmission ------------------------------------------------------------
+
+/// A reply on its way to the writer. The permits travel with it so a
+/// request's slot and bytes are released only once its reply is written
+/// (or dropped because the connection is gone).
+struct Reply {
+    handle: u64,
+    error: u32,
+    payload: Option<Bytes>,
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// How the request reader stopped.
+#[derive(Debug)]
+enum ReadEnd {
+    /// NBD_CMD_DISC.
+    Disconnect,
+    /// The server is stopping.
+    Stopped,
+    /// The writer is gone (the client stopped reading or reset).
+    WriterGone,
+    /// The stream is unusable.
+    Broken(ConnError),
+}
+
+struct Conn<'a> {
+    rd: BufReader<OwnedReadHalf>,
+    export: &'a Export,
+    options: &'a NbdOptions,
+    peer: SocketAddr,
+    tx: mpsc::Sender<Reply>,
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+}
+
+async fn transmission(
+    rd: BufReader<OwnedReadHalf>,
+    wr: BufWriter<OwnedWriteHalf>,
+    export: Export,
+    peer: SocketAddr,
+    options: &NbdOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (tx, rx) = mpsc::channel(options.max_in_flight);
+    // Aborted if this connection task is (after the shutdown grace period),
+    // so a writer stuck on a client that stopped reading cannot outlive it.
+    let mut writer = AbortOnDrop(tokio::spawn(write_replies(wr, rx, peer)));
+    let slots = Arc::new(Semaphore::new(options.max_in_flight));
+    let mut conn = Conn {
+        rd,
+        export: &export,
+        options,
+        peer,
+        tx,
+        slots: slots.clone(),
+        bytes: Arc::new(Semaphore::new(options.max_in_flight_bytes)),
+    };
+    let end = conn.read_requests(&mut stop).await;
+    match &end {
+        ReadEnd::Disconnect => debug!(%peer, "NBD client disconnected"),
+        ReadEnd::Stopped => debug!(%peer, "server stopping; finishing in-flight requests"),
+        ReadEnd::WriterGone => debug!(%peer, "NBD reply stream closed"),
+        ReadEnd::Broken(e) => e.log(peer, "transmission"),
+    }
+    let Conn { rd, tx, .. } = conn;
+    drop(rd);
+
+    // Every in-flight request holds a slot until its reply is written or
+    // dropped, so owning all slots means they are all done.
+    let all = u32::try_from(options.max_in_flight).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+    if !export.read_only {
+        if let Err(e) = export.device.flush().await {
+            warn!(%peer, export = %export.name, "flush on disconnect failed: {e}");
+        }
+    }
+    drop(tx);
+    if let Err(e) = (&mut writer.0).await {
+        error!(%peer, "NBD reply writer failed: {e}");
+    }
+    info!(%peer, export = %export.name, "NBD client detached");
+    // `export` (and with it the device handle) is dropped here.
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Conn<'_> {
+    /// Something that ends reading: the server stopping or the writer gone.
+    async fn interrupted(stop: &mut watch::Receiver<bool>, tx: &mpsc::Sender<Reply>) -> ReadEnd {
+        tokio::select! {
+            _ = stopped(stop) => ReadEnd::Stopped,
+            _ = tx.closed() => ReadEnd::WriterGone,
+        }
+    }
+
+    async fn read_requests(&mut self, stop: &mut watch::Receiver<bool>) -> ReadEnd {
+        loop {
+            // Back-pressure: do not read another header while every slot is taken.
+            let slot = tokio::select! {
+                biased;
+                end = Self::interrupted(stop, &self.tx) => return end,
+                slot = self.slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return ReadEnd::Stopped,
+                },
+            };
+            let mut header = [0u8; REQUEST_HEADER_LEN];
+            tokio::select! {
+                biased;
+                end = Self::interrupted(stop, &self.tx) => return end,
+                read = self.rd.read_exact(&mut header) => {
+                    if let Err(e) = read {
+                        return ReadEnd::Broken(e.into());
+                    }
+                }
+            }
+            let req = match Request::decode(&header) {
+                Ok(req) => req,
+                Err(ProtoError::UnknownCommand { command, handle }) => {
+                    // We assume it carries no payload; a client sending one
+                    // will break its own stream and hit the magic check.
+                    debug!(peer = %self.peer, "unknown NBD command {command}");
+                    self.reply_now(handle, errno::EINVAL, slot).await;
+                    continue;
+                }
+                Err(e) => return ReadEnd::Broken(e.into()),
+            };
+            match req.command {
+                Command::Disc => return ReadEnd::Disconnect,
+                Command::Write => {
+                    if let Err(end) = self.accept_write(req, slot).await {
+                        return end;
+                    }
+                }
+                _ => self.accept_other(req, slot).await,
+            }
+        }
+    }
+
+    /// A reply decided by the reader itself (a refused request).
+    async fn reply_now(&self, handle: u64, error: u32, slot: OwnedSemaphorePermit) {
+        let _ = self
+            .tx
+            .send(Reply {
+                handle,
+                error,
+                payload: None,
+                _slot: slot,
+                _bytes: None,
+            })
+            .await;
+    }
+
+    /// Byte permits for `len` bytes of data in flight (capped at the whole
+    /// budget, so one request can always go through alone).
+    async fn data_permit(&self, len: u32) -> Option<OwnedSemaphorePermit> {
+        if len == 0 {
+            return None;
+        }
+        let want = (len as usize).min(self.options.max_in_flight_bytes);
+        let want = u32::try_from(want).unwrap_or(u32::MAX);
+        self.bytes.clone().acquire_many_owned(want).await.ok()
+    }
+
+    async fn accept_write(
+        &mut self,
+        req: Request,
+        slot: OwnedSemaphorePermit,
+    ) -> std::result::Result<(), ReadEnd> {
+        if req.len > self.options.max_request {
+            // Draining gigabytes is not worth it: refuse and hang up (the
+            // spec lets a server disconnect on an oversized payload).
+            warn!(peer = %self.peer, len = req.len, max = self.options.max_request,
+                  "NBD write over the maximum request length; closing");
+            self.reply_now(req.handle, errno::EINVAL, slot).await;
+            return Err(ReadEnd::Broken(ConnError::Refused(format!(
+                "write of {} bytes over the {} byte maximum",
+                req.len, self.options.max_request
+            ))));
+        }
+        if let Err(error) = check_request(&req, self.export) {
+            debug!(peer = %self.peer, ?req, error, "NBD write refused");
+            drain(&mut self.rd, req.len as usize)
+                .await
+                .map_err(|e| ReadEnd::Broken(e.into()))?;
+            self.reply_now(req.handle, error, slot).await;
+            return Ok(());
+        }
+        let bytes = self.data_permit(req.len).await;
+        let payload = read_payload(&mut self.rd, req.len as usize)
+            .await
+            .map_err(|e| ReadEnd::Broken(e.into()))?;
+        self.spawn(req, Some(payload), slot, bytes);
+        Ok(())
+    }
+
+    async fn accept_other(&mut self, req: Request, slot: OwnedSemaphorePermit) {
+        if let Err(error) = check_request(&req, self.export) {
+            debug!(peer = %self.peer, ?req, error, "NBD request refused");
+            self.reply_now(req.handle, error, slot).await;
+            return;
+        }
+        if req.command == Command::Read && req.len > self.options.max_request {
+            self.reply_now(req.handle, errno::EINVAL, slot).await;
+            return;
+        }
+        let bytes = if req.command == Command::Read {
+            self.data_permit(req.len).await
+        } else {
+            None
+        };
+        self.spawn(req, None, slot, bytes);
+    }
+
+    fn spawn(
+        &self,
+        req: Request,
+        payload: Option<Bytes>,
+        slot: OwnedSemaphorePermit,
+        bytes: Option<OwnedSemaphorePermit>,
+    ) {
+        let device = self.export.device.clone();
+        let tx = self.tx.clone();
+        let peer = self.peer;
+        tokio::spawn(async move {
+            let (error, payload) = execute(device.as_ref(), &req, payload).await;
+            if error == errno::EIO {
+                warn!(%peer, ?req, "NBD request failed with EIO");
+            }
+            // Drop the handle before the reply can release the last slot, so
+            // the connection's final drop really is the last.
+            drop(device);
+            let _ = tx
+                .send(Reply {
+                    handle: req.handle,
+                    error,
+                    payload,
+                    _slot: slot,
+                    _bytes: bytes,
+                })
+                .await;
+        });
+    }
+}
+
+/// Checks the reader makes before accepting a request: flags, supported
+/// command, read-only export, range. `Err` is the NBD error to reply with.
+fn check_request(req: &Request, export: &Export) -> std::result::Result<(), u32> {
+    let allowed = req.command.allowed_flags() & !UNNEGOTIATED_FLAGS;
+    if req.flags & !allowed != 0 {
+        return Err(errno::EINVAL);
+    }
+    let writes = match req.command {
+        Command::Read => false,
+        Command::Write | Command::Trim | Command::WriteZeroes => true,
+        Command::Flush => return Ok(()),
+        // Not advertised (CACHE, BLOCK_STATUS, RESIZE); DISC never gets here.
+        _ => return Err(errno::EINVAL),
+    };
+    if writes && export.read_only {
+        return Err(errno::EPERM);
+    }
+    let in_range = req
+        .offset
+        .checked_add(req.len.into())
+        .is_some_and(|end| end <= export.size);
+    if !in_range {
+        // The spec: ENOSPC for writes past the end, EINVAL for reads and trims.
+        return Err(match req.command {
+            Command::Write | Command::WriteZeroes => errno::ENOSPC,
+            _ => errno::EINVAL,
+        });
+    }
+    if req.command == Command::WriteZeroes && req.fast_zero() && req.no_hole() {
+        // Zeroing without punching holes writes every byte: not fast.
+        return Err(errno::ENOTSUP);
+    }
+    Ok(())
+}
+
+/// Run one accepted request on the device: (NBD error, READ payload).
+async fn execute(
+    device: &dyn BlockDevice,
+    req: &Request,
+    payload: Option<Bytes>,
+) -> (u32, Option<Bytes>) {
+    let offset = req.offset;
+    let len = u64::from(req.len);
+    let fua = req.fua();
+    let done = |r: Result<()>| match r {
+        Ok(()) => (0, None),
+        Err(e) => (proto::errno_for(&e), None),
+    };
+    match req.command {
+        Command::Read => {
+            if len == 0 {
+                return (0, Some(Bytes::new()));
+            }
+            match device.read(offset, len).await {
+                Ok(data) if data.len() as u64 == len => (0, Some(data)),
+                // A short read would desynchronise the client: report EIO.
+                Ok(_) => (errno::EIO, None),
+                Err(e) => (proto::errno_for(&e), None),
+            }
+        }
+        Command::Write => {
+            let data = payload.unwrap_or_default();
+            if data.is_empty() {
+                return (0, None);
+            }
+            done(device.write(offset, data, fua).await)
+        }
+        Command::Trim if len == 0 => (0, None),
+        Command::Trim => done(device.trim(offset, len, fua).await),
+        Command::WriteZeroes if len == 0 => (0, None),
+        Command::WriteZeroes => {
+            let may_trim = !req.no_hole();
+            done(device.write_zeroes(offset, len, may_trim, fua).await)
+        }
+        Command::Flush => done(device.flush().await),
+        _ => (errno::EINVAL, None),
+    }
+}
+
+/// Read exactly `len` payload bytes into one buffer, without zero-filling
+/// it first (large reads bypass the `BufReader`).
+async fn read_payload(rd: &mut BufReader<OwnedReadHalf>, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let remaining = len - buf.len();
+        let n = rd.read_buf(&mut (&mut buf).limit(remaining)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Skip `len` payload bytes of a refused write.
+async fn drain(rd: &mut BufReader<OwnedReadHalf>, mut len: usize) -> io::Result<()> {
+    while len > 0 {
+        let available = rd.fill_buf().await?;
+        if available.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = available.len().min(len);
+        rd.consume(n);
+        len -= n;
+    }
+    Ok(())
+}
+
+/// The writer task: the only one that writes to the socket after the handshake.
+async fn write_replies(
+    mut wr: BufWriter<OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Reply>,
+    peer: SocketAddr,
+) {
+    let result: io::Result<()> = async {
+        while let Some(reply) = rx.recv().await {
+            write_reply(&mut wr, reply).await?;
+            // Batch whatever else is ready before paying for a flush.
+            while let Ok(reply) = rx.try_recv() {
+                write_reply(&mut wr, reply).await?;
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        debug!(%peer, "writing NBD replies failed: {e}");
+    }
+    // Dropping `rx` releases the permits of replies never written, and makes
+    // the reader stop.
+}
+
+async fn write_reply(wr: &mut BufWriter<OwnedWriteHalf>, reply: Reply) -> io::Result<()> {
+    let header = SimpleReply {
+        error: reply.error,
+        handle: reply.handle,
+    }
+    .encode();
+    wr.write_all(&header).await?;
+    if let Some(data) = &reply.payload {
+        // A payload at least as large as the buffer is written straight to
+        // the socket (after the buffered bytes), without a copy.
+        wr.write_all(data).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_are_valid() {
+        assert_eq!(block_sizes(4096, 32 << 20), (1, 4096, 32 << 20));
+        assert_eq!(block_sizes(0, 32 << 20), (1, 512, 32 << 20));
+        assert_eq!(block_sizes(3000, 32 << 20), (1, 4096, 32 << 20));
+        assert_eq!(block_sizes(u32::MAX, 1 << 20), (1, 1 << 20, 1 << 20));
+        assert_eq!(block_sizes(64 << 20, 5000), (1, 4096, 5000));
+    }
+
+    #[test]
+    fn options_are_validated() {
+        assert!(NbdOptions::default().validate().is_ok());
+        let o = NbdOptions {
+            max_in_flight: 0,
+            ..NbdOptions::default()
+        };
+        assert!(o.validate().is_err());
+        let o = NbdOptions {
+            max_in_flight_bytes: 0,
+            ..NbdOptions::default()
+        };
+        assert!(o.validate().is_err());
+    }
+}

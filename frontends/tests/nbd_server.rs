@@ -1,0 +1,715 @@
+//! The NBD server over real TCP, driven by a raw-bytes client: the happy
+//! paths, then every bad input with the exact reply (or disconnect) expected,
+//! each followed by a check that the server still serves.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use torus_frontends::{MemoryVolumes, NbdOptions};
+use torus_traits::Error;
+
+/// A fresh client can still attach and do I/O on `alpha`.
+async fn still_serves(srv: &TestServer) {
+    let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+    c.write(4096, b"still alive", 0).await.unwrap();
+    assert_eq!(c.read(4096, 11).await.unwrap(), b"still alive");
+    c.disconnect().await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn go_then_read_write_flush_trim_zeroes() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, d) = Client::attach(srv.addr, "alpha").await;
+        assert_eq!(d.size, 16 * MIB);
+        let want = FLAG_HAS_FLAGS
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_SEND_FAST_ZERO
+            | FLAG_CAN_MULTI_CONN;
+        assert_eq!(d.flags, want, "transmission flags {:#x}", d.flags);
+        assert_eq!(d.block_size, Some((1, 4096, 32 * 1024 * 1024)));
+
+        // Unaligned write and read back, across the 4 MiB mark.
+        let data = pattern(1, 100_000);
+        let off = 4 * MIB - 50_001;
+        c.write(off, &data, 0).await.unwrap();
+        assert_eq!(c.read(off, 100_000).await.unwrap(), data);
+        assert_eq!(c.read(off - 10, 10).await.unwrap(), vec![0; 10]);
+
+        // FUA write reaches the device as FUA.
+        c.write(0, b"fua!", CMD_FLAG_FUA).await.unwrap();
+        assert_eq!(srv.vols.stats("alpha").unwrap().fua_ops, 1);
+
+        // FLUSH.
+        let flushes = srv.vols.stats("alpha").unwrap().flushes;
+        c.cmd(0, CMD_FLUSH, 0, 0, &[]).await.unwrap();
+        assert_eq!(srv.vols.stats("alpha").unwrap().flushes, flushes + 1);
+
+        // TRIM reads back zeros and frees pages.
+        c.cmd(0, CMD_TRIM, off, 100_000, &[]).await.unwrap();
+        assert_eq!(c.read(off, 100_000).await.unwrap(), vec![0; 100_000]);
+
+        // WRITE_ZEROES, with and without NO_HOLE.
+        c.write(MIB, &pattern(2, 8192), 0).await.unwrap();
+        c.cmd(0, CMD_WRITE_ZEROES, MIB, 8192, &[]).await.unwrap();
+        assert_eq!(c.read(MIB, 8192).await.unwrap(), vec![0; 8192]);
+        let before = srv.vols.stats("alpha").unwrap().allocated;
+        c.cmd(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 2 * MIB, 8192, &[])
+            .await
+            .unwrap();
+        assert_eq!(c.read(2 * MIB, 8192).await.unwrap(), vec![0; 8192]);
+        assert_eq!(
+            srv.vols.stats("alpha").unwrap().allocated,
+            before + 8192,
+            "NO_HOLE must keep the range allocated"
+        );
+        // FAST_ZERO alone is fine.
+        c.cmd(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 3 * MIB, 4096, &[])
+            .await
+            .unwrap();
+
+        // Zero-length requests succeed.
+        assert_eq!(c.read(0, 0).await.unwrap(), Vec::<u8>::new());
+        c.write(0, &[], 0).await.unwrap();
+
+        // The last byte of the export.
+        c.write(16 * MIB - 1, b"z", 0).await.unwrap();
+        assert_eq!(c.read(16 * MIB - 1, 1).await.unwrap(), b"z");
+
+        // DISC: the server flushes, closes, and drops the device handle.
+        let flushes = srv.vols.stats("alpha").unwrap().flushes;
+        c.disconnect().await;
+        c.expect_closed().await;
+        srv.wait_handles_released("alpha").await;
+        assert!(srv.vols.stats("alpha").unwrap().flushes > flushes);
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn export_name_with_and_without_no_zeroes() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        for (client_flags, pad) in [(1u32, 124usize), (3, 0)] {
+            let mut c = Client::greet(srv.addr, client_flags).await;
+            c.send_option(OPT_EXPORT_NAME, b"beta").await;
+            let reply = c.read_bytes(10 + pad).await;
+            assert_eq!(u64::from_be_bytes(reply[0..8].try_into().unwrap()), 8 * MIB);
+            let flags = u16::from_be_bytes([reply[8], reply[9]]);
+            assert_eq!(flags & FLAG_HAS_FLAGS, FLAG_HAS_FLAGS);
+            assert!(reply[10..].iter().all(|b| *b == 0));
+            // The next bytes are exactly the reply to our first request.
+            c.write(0, b"hi", 0).await.unwrap();
+            assert_eq!(c.read(0, 2).await.unwrap(), b"hi");
+            c.disconnect().await;
+            c.expect_closed().await;
+        }
+        // EXPORT_NAME of a missing volume: no way to answer, so a hard close.
+        let mut c = Client::greet(srv.addr, 3).await;
+        c.send_option(OPT_EXPORT_NAME, b"missing").await;
+        c.expect_closed().await;
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn opt_list_lists_volumes() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let mut c = Client::greet(srv.addr, 3).await;
+        c.send_option(OPT_LIST, &[]).await;
+        let mut listed = Vec::new();
+        loop {
+            let (opt, kind, data) = c.option_reply().await;
+            assert_eq!(opt, OPT_LIST);
+            if kind == REP_ACK {
+                assert!(data.is_empty());
+                break;
+            }
+            assert_eq!(kind, REP_SERVER);
+            let n = u32::from_be_bytes(data[0..4].try_into().unwrap()) as usize;
+            let name = String::from_utf8(data[4..4 + n].to_vec()).unwrap();
+            let desc = String::from_utf8(data[4 + n..].to_vec()).unwrap();
+            listed.push((name, desc));
+        }
+        assert_eq!(
+            listed,
+            vec![
+                ("alpha".to_string(), "the first volume".to_string()),
+                ("beta".to_string(), String::new())
+            ]
+        );
+        // LIST with data is malformed: ERR_INVALID, and the session goes on.
+        c.send_option(OPT_LIST, b"junk").await;
+        let (opt, kind, _) = c.option_reply().await;
+        assert_eq!((opt, kind), (OPT_LIST, REP_ERR_INVALID));
+        c.go(OPT_GO, "beta", &[]).await.unwrap();
+        c.write(0, b"x", 0).await.unwrap();
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn opt_info_reports_size_flags_name_description() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let mut c = Client::greet(srv.addr, 3).await;
+        let d = c
+            .go(
+                OPT_INFO,
+                "alpha",
+                &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE],
+            )
+            .await
+            .unwrap();
+        assert_eq!(d.size, 16 * MIB);
+        assert_eq!(d.flags & FLAG_READ_ONLY, 0);
+        assert_ne!(d.flags & FLAG_SEND_FLUSH, 0);
+        assert_eq!(d.name.as_deref(), Some("alpha"));
+        assert_eq!(d.description.as_deref(), Some("the first volume"));
+        assert_eq!(d.block_size, Some((1, 4096, 32 * 1024 * 1024)));
+        // INFO does not keep the volume open.
+        srv.wait_handles_released("alpha").await;
+
+        // Missing volume: ERR_UNKNOWN for INFO and GO, session continues.
+        let (code, msg) = c.go(OPT_INFO, "nope", &[]).await.unwrap_err();
+        assert_eq!(code, REP_ERR_UNKNOWN);
+        assert!(msg.contains("nope"), "{msg}");
+        let (code, _) = c.go(OPT_GO, "nope", &[]).await.unwrap_err();
+        assert_eq!(code, REP_ERR_UNKNOWN);
+
+        // Empty name with two volumes: no default.
+        let (code, _) = c.go(OPT_GO, "", &[]).await.unwrap_err();
+        assert_eq!(code, REP_ERR_UNKNOWN);
+
+        // Locked by another node: INFO still describes it (it takes no
+        // lock), GO fails with POLICY and the reason as the message.
+        srv.vols.set_locked_by("beta", Some("node-7")).unwrap();
+        let d = c.go(OPT_INFO, "beta", &[]).await.unwrap();
+        assert_eq!(d.size, 8 * MIB);
+        assert_eq!(d.flags & FLAG_READ_ONLY, 0);
+        let (code, msg) = c.go(OPT_GO, "beta", &[]).await.unwrap_err();
+        assert_eq!(code, REP_ERR_POLICY);
+        assert_eq!(msg, "locked: held by node node-7");
+
+        // Malformed GO (name length past the data): ERR_INVALID.
+        c.send_option(OPT_GO, &[0, 0, 0, 200, b'a']).await;
+        let (opt, kind, _) = c.option_reply().await;
+        assert_eq!((opt, kind), (OPT_GO, REP_ERR_INVALID));
+
+        // Then a good GO still works on the same session.
+        let d = c.go(OPT_GO, "alpha", &[]).await.unwrap();
+        assert_eq!(d.size, 16 * MIB);
+        c.write(0, b"ok", 0).await.unwrap();
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn empty_name_picks_the_only_volume() {
+    within(30, async {
+        let vols = Arc::new(MemoryVolumes::new());
+        vols.create("solo", 9 * MIB).unwrap();
+        let srv = TestServer::with_volumes(vols, NbdOptions::default()).await;
+        let mut c = Client::greet(srv.addr, 3).await;
+        let d = c.go(OPT_GO, "", &[INFO_NAME]).await.unwrap();
+        assert_eq!(d.size, 9 * MIB);
+        assert_eq!(d.name.as_deref(), Some("solo"));
+        c.write(0, b"x", 0).await.unwrap();
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unknown_options_get_unsup_and_the_session_continues() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let mut c = Client::greet(srv.addr, 3).await;
+        for (option, data) in [
+            (OPT_STRUCTURED_REPLY, &b""[..]),
+            (OPT_STARTTLS, b""),
+            (9, b"\0\0\0\0\0\0\0\0"), // LIST_META_CONTEXT
+            (1000, b"some payload to skip"),
+        ] {
+            c.send_option(option, data).await;
+            let (opt, kind, _) = c.option_reply().await;
+            assert_eq!((opt, kind), (option, REP_ERR_UNSUP), "option {option}");
+        }
+        let d = c.go(OPT_GO, "alpha", &[]).await.unwrap();
+        assert_eq!(d.size, 16 * MIB);
+        assert_eq!(c.read(0, 3).await.unwrap(), vec![0; 3]);
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn opt_abort_acks_then_closes() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let mut c = Client::greet(srv.addr, 3).await;
+        c.send_option(OPT_ABORT, &[]).await;
+        let (opt, kind, data) = c.option_reply().await;
+        assert_eq!((opt, kind, data.len()), (OPT_ABORT, REP_ACK, 0));
+        c.expect_closed().await;
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_handshakes_close_only_that_connection() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        // A bystander attached before the bad clients, served after them.
+        let (mut bystander, _) = Client::attach(srv.addr, "beta").await;
+
+        // Unknown client flag.
+        let mut c = Client::greet(srv.addr, 0x4).await;
+        c.expect_closed().await;
+
+        // Wrong option magic.
+        let mut c = Client::greet(srv.addr, 3).await;
+        c.s.write_all(b"IHAVEOPX\0\0\0\x07\0\0\0\0").await.unwrap();
+        c.expect_closed().await;
+
+        // Option length over the cap (64 KiB).
+        let mut c = Client::greet(srv.addr, 3).await;
+        c.s.write_all(b"IHAVEOPT\0\0\0\x07\x7f\xff\xff\xff")
+            .await
+            .unwrap();
+        c.expect_closed().await;
+
+        // Garbage instead of a handshake.
+        let (mut c, _) = Client::connect(srv.addr).await;
+        c.s.write_all(&[0xff; 64]).await.unwrap();
+        c.expect_closed().await;
+
+        // Half the client flags, then gone.
+        let (mut c, _) = Client::connect(srv.addr).await;
+        c.s.write_all(&[0, 0]).await.unwrap();
+        drop(c);
+
+        bystander.write(0, b"bystander", 0).await.unwrap();
+        assert_eq!(bystander.read(0, 9).await.unwrap(), b"bystander");
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn handshake_timeout_closes_idle_clients() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions {
+            handshake_timeout: Duration::from_millis(300),
+            ..NbdOptions::default()
+        })
+        .await;
+        let mut c = Client::greet(srv.addr, 3).await;
+        c.expect_closed().await;
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unknown_command_and_bad_flags_get_einval() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        // Unknown command type.
+        assert_eq!(c.cmd(0, 42, 0, 0, &[]).await, Err(EINVAL));
+        // CACHE is known but not advertised.
+        assert_eq!(c.cmd(0, CMD_CACHE, 0, 4096, &[]).await, Err(EINVAL));
+        // An unknown flag bit on READ.
+        assert_eq!(c.cmd(1 << 9, CMD_READ, 0, 16, &[]).await, Err(EINVAL));
+        // DF without structured replies.
+        assert_eq!(c.cmd(CMD_FLAG_DF, CMD_READ, 0, 16, &[]).await, Err(EINVAL));
+        // NO_HOLE on a WRITE: refused, and its payload is drained.
+        assert_eq!(
+            c.cmd(CMD_FLAG_NO_HOLE, CMD_WRITE, 0, 5, b"hello").await,
+            Err(EINVAL)
+        );
+        assert_eq!(c.read(0, 5).await.unwrap(), vec![0; 5]);
+        // FAST_ZERO with NO_HOLE cannot be fast.
+        assert_eq!(
+            c.cmd(
+                CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+                CMD_WRITE_ZEROES,
+                0,
+                4096,
+                &[]
+            )
+            .await,
+            Err(ENOTSUP)
+        );
+        c.write(0, b"fine", 0).await.unwrap();
+        assert_eq!(c.read(0, 4).await.unwrap(), b"fine");
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn ranges_past_the_end() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "beta").await;
+        let size = 8 * MIB;
+        assert_eq!(c.read(size - 1, 2).await, Err(EINVAL));
+        assert_eq!(c.read(u64::MAX, 1).await, Err(EINVAL));
+        assert_eq!(c.cmd(0, CMD_TRIM, size, 1, &[]).await, Err(EINVAL));
+        // Writes past the end: ENOSPC (what the spec asks for writes), and
+        // the payload is drained so the next request is read correctly.
+        assert_eq!(c.write(size - 2, &pattern(3, 10_000), 0).await, Err(ENOSPC));
+        assert_eq!(
+            c.cmd(0, CMD_WRITE_ZEROES, u64::MAX - 5, 10, &[]).await,
+            Err(ENOSPC)
+        );
+        assert_eq!(c.read(size - 2, 2).await.unwrap(), vec![0, 0]);
+        c.write(size - 4, b"tail", 0).await.unwrap();
+        assert_eq!(c.read(size - 4, 4).await.unwrap(), b"tail");
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn request_length_over_the_maximum() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions {
+            max_request: 1 << 20,
+            max_in_flight_bytes: 4 << 20,
+            ..NbdOptions::default()
+        })
+        .await;
+        let (mut c, d) = Client::attach(srv.addr, "alpha").await;
+        assert_eq!(d.block_size, Some((1, 4096, 1 << 20)));
+        // READ over the maximum: EINVAL, connection goes on.
+        assert_eq!(c.read(0, (1 << 20) + 1).await, Err(EINVAL));
+        // TRIM and WRITE_ZEROES carry no payload: not limited.
+        c.cmd(0, CMD_TRIM, 0, 4 << 20, &[]).await.unwrap();
+        c.cmd(0, CMD_WRITE_ZEROES, 0, 4 << 20, &[]).await.unwrap();
+        // Exactly the maximum works.
+        let big = pattern(4, 1 << 20);
+        c.write(0, &big, 0).await.unwrap();
+        assert_eq!(c.read(0, 1 << 20).await.unwrap(), big);
+        // WRITE over the maximum: EINVAL, then the server hangs up (it will
+        // not drain a payload that large).
+        c.send_request(0, CMD_WRITE, 77, 0, 64 << 20, &[]).await;
+        assert_eq!(c.reply().await, (EINVAL, 77));
+        c.expect_closed().await;
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn read_only_exports_refuse_writes() {
+    within(30, async {
+        // The frontend-wide read_only option.
+        let srv = TestServer::start(NbdOptions {
+            read_only: true,
+            ..NbdOptions::default()
+        })
+        .await;
+        srv.vols.set_locked_by("alpha", Some("n9")).unwrap(); // read-only opens take no lock
+        let (mut c, d) = Client::attach(srv.addr, "alpha").await;
+        assert_ne!(d.flags & FLAG_READ_ONLY, 0);
+        assert_eq!(d.flags & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES), 0);
+        assert_eq!(c.write(0, b"nope", 0).await, Err(EPERM));
+        assert_eq!(c.cmd(0, CMD_TRIM, 0, 4096, &[]).await, Err(EPERM));
+        assert_eq!(c.cmd(0, CMD_WRITE_ZEROES, 0, 4096, &[]).await, Err(EPERM));
+        assert_eq!(c.read(0, 4).await.unwrap(), vec![0; 4]);
+        c.cmd(0, CMD_FLUSH, 0, 0, &[]).await.unwrap();
+        srv.shutdown().await;
+
+        // A volume only the provider knows is read-only: exported read-only.
+        let srv = TestServer::start(NbdOptions::default()).await;
+        srv.vols.set_read_only("beta", true).unwrap();
+        let (mut c, d) = Client::attach(srv.addr, "beta").await;
+        assert_ne!(d.flags & FLAG_READ_ONLY, 0);
+        assert_eq!(c.write(0, &pattern(1, 9000), 0).await, Err(EPERM));
+        assert_eq!(c.read(0, 4).await.unwrap(), vec![0; 4]);
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn device_errors_map_to_nbd_errors() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        let cases = [
+            (Error::NoSpace("pool full".into()), ENOSPC),
+            (Error::ReadOnly("x".into()), EPERM),
+            (Error::Unsupported("x".into()), ENOTSUP),
+            (Error::InvalidArgument("x".into()), EINVAL),
+            (Error::Corrupt("bad checksum".into()), EIO),
+            (Error::Unavailable("peers down".into()), EIO),
+        ];
+        for (err, code) in cases {
+            srv.vols.set_fail_with("alpha", Some(err.clone())).unwrap();
+            assert_eq!(c.write(0, b"data", 0).await, Err(code), "{err}");
+            // A failed READ sends no payload: the next reply parses.
+            assert_eq!(c.read(0, 4096).await, Err(code), "{err}");
+            assert_eq!(c.cmd(0, CMD_FLUSH, 0, 0, &[]).await, Err(code), "{err}");
+        }
+        srv.vols.set_fail_with("alpha", None).unwrap();
+        assert_eq!(c.read(0, 4).await.unwrap(), vec![0; 4]);
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn wrong_request_magic_closes_the_connection() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        c.s.write_all(&[0xde; 28]).await.unwrap();
+        c.expect_closed().await;
+        srv.wait_handles_released("alpha").await;
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn clients_vanishing_mid_request() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+
+        // Half a request header.
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        c.s.write_all(&REQUEST_MAGIC.to_be_bytes()).await.unwrap();
+        c.s.write_all(&[0, 0, 0, 1, 0, 0]).await.unwrap();
+        drop(c);
+        srv.wait_handles_released("alpha").await;
+
+        // Half a WRITE payload.
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        c.send_request(0, CMD_WRITE, 1, 0, 100_000, &pattern(1, 30_000))
+            .await;
+        drop(c);
+        srv.wait_handles_released("alpha").await;
+
+        // Requests in flight (slow device) when the client goes away: they
+        // finish, the device is flushed, the handle is dropped.
+        srv.vols
+            .set_latency("alpha", Some(Duration::from_millis(200)))
+            .unwrap();
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        let flushes = srv.vols.stats("alpha").unwrap().flushes;
+        for i in 0..8u64 {
+            c.send_request(0, CMD_WRITE, i, i * 4096, 4, b"gone").await;
+        }
+        c.send_request(0, CMD_READ, 99, 0, 1 << 20, &[]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(c);
+        srv.wait_handles_released("alpha").await;
+        assert!(srv.vols.stats("alpha").unwrap().flushes > flushes);
+        srv.vols.set_latency("alpha", None).unwrap();
+        // The writes completed even though nobody got the replies.
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        assert_eq!(c.read(7 * 4096, 4).await.unwrap(), b"gone");
+
+        // Vanishing between the handshake's messages.
+        let mut h = Client::greet(srv.addr, 3).await;
+        h.s.write_all(b"IHAVEOPT\0\0\0\x07\0\0\0\x40abc")
+            .await
+            .unwrap();
+        drop(h);
+
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_requests_in_flight_on_one_connection() {
+    within(60, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        // Seed data to read back.
+        for i in 0..32u64 {
+            c.write(i * 65_536, &pattern(i as u8, 65_536), 0)
+                .await
+                .unwrap();
+        }
+        srv.vols
+            .set_latency("alpha", Some(Duration::from_millis(100)))
+            .unwrap();
+        // 32 reads and 32 writes, sent back to back before reading any reply.
+        let start = Instant::now();
+        let mut expected: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
+        for i in 0..32u64 {
+            let h = 1_000 + i;
+            c.send_request(0, CMD_READ, h, i * 65_536, 65_536, &[])
+                .await;
+            expected.insert(h, Some(pattern(i as u8, 65_536)));
+            let h = 2_000 + i;
+            let data = pattern(100 + i as u8, 4096);
+            c.send_request(0, CMD_WRITE, h, 4 * MIB + i * 4096, 4096, &data)
+                .await;
+            expected.insert(h, None);
+        }
+        for _ in 0..64 {
+            let (error, handle) = c.reply().await;
+            assert_eq!(error, 0, "handle {handle}");
+            let want = expected
+                .remove(&handle)
+                .unwrap_or_else(|| panic!("unexpected or duplicate handle {handle}"));
+            if let Some(data) = want {
+                assert_eq!(c.read_bytes(data.len()).await, data, "handle {handle}");
+            }
+        }
+        assert!(expected.is_empty());
+        let elapsed = start.elapsed();
+        // Serially this would take 64 × 100 ms.
+        assert!(
+            elapsed < Duration::from_millis(3200),
+            "requests were not processed concurrently: {elapsed:?}"
+        );
+        srv.vols.set_latency("alpha", None).unwrap();
+        for i in 0..32u64 {
+            assert_eq!(
+                c.read(4 * MIB + i * 4096, 4096).await.unwrap(),
+                pattern(100 + i as u8, 4096)
+            );
+        }
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_in_flight_limit_still_completes_everything() {
+    within(60, async {
+        let srv = TestServer::start(NbdOptions {
+            max_in_flight: 2,
+            max_request: 64 * 1024,
+            max_in_flight_bytes: 64 * 1024,
+            ..NbdOptions::default()
+        })
+        .await;
+        let (c, _) = Client::attach(srv.addr, "alpha").await;
+        srv.vols
+            .set_latency("alpha", Some(Duration::from_millis(2)))
+            .unwrap();
+        // Far more requests than slots and byte budget, pipelined from one
+        // task while this one reads replies, so neither socket buffer is the
+        // limit: only the server's back-pressure is.
+        const N: u64 = 200;
+        const LEN: usize = 48 * 1024;
+        let (mut rd, mut wr) = c.s.into_split();
+        let sender = tokio::spawn(async move {
+            for i in 0..N {
+                let mut req = Vec::new();
+                let (cmd, offset) = if i % 2 == 0 {
+                    (CMD_WRITE, (i / 2) * LEN as u64)
+                } else {
+                    (CMD_READ, (i / 2) * LEN as u64)
+                };
+                req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                req.extend_from_slice(&0u16.to_be_bytes());
+                req.extend_from_slice(&cmd.to_be_bytes());
+                req.extend_from_slice(&i.to_be_bytes());
+                req.extend_from_slice(&offset.to_be_bytes());
+                req.extend_from_slice(&(LEN as u32).to_be_bytes());
+                if cmd == CMD_WRITE {
+                    req.extend_from_slice(&pattern(i as u8, LEN));
+                }
+                wr.write_all(&req).await.unwrap();
+            }
+            wr
+        });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..N {
+            let mut h = [0u8; 16];
+            tokio::io::AsyncReadExt::read_exact(&mut rd, &mut h)
+                .await
+                .unwrap();
+            assert_eq!(
+                u32::from_be_bytes(h[0..4].try_into().unwrap()),
+                SIMPLE_REPLY_MAGIC
+            );
+            assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
+            let handle = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            assert!(seen.insert(handle), "duplicate handle {handle}");
+            if handle % 2 == 1 {
+                // Reads run concurrently with the write of the same range, so
+                // only the length is certain here.
+                let mut data = vec![0u8; LEN];
+                tokio::io::AsyncReadExt::read_exact(&mut rd, &mut data)
+                    .await
+                    .unwrap();
+            }
+        }
+        let wr = sender.await.unwrap();
+        srv.vols.set_latency("alpha", None).unwrap();
+        let mut c = Client {
+            s: rd.reunite(wr).unwrap(),
+        };
+        for i in (0..N).step_by(2) {
+            assert_eq!(
+                c.read((i / 2) * LEN as u64, LEN as u32).await.unwrap(),
+                pattern(i as u8, LEN),
+                "write {i}"
+            );
+        }
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_and_returns() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut idle, _) = Client::attach(srv.addr, "beta").await;
+        let (mut busy, _) = Client::attach(srv.addr, "alpha").await;
+        srv.vols
+            .set_latency("alpha", Some(Duration::from_millis(300)))
+            .unwrap();
+        busy.send_request(0, CMD_WRITE, 5, 0, 4, b"last").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let vols = srv.vols.clone();
+        let flushes = vols.stats("alpha").unwrap().flushes;
+        srv.shutdown().await;
+        // The in-flight write was answered before the connection closed.
+        assert_eq!(busy.reply().await, (0, 5));
+        busy.expect_closed().await;
+        idle.expect_closed().await;
+        assert!(vols.stats("alpha").unwrap().flushes > flushes);
+        assert_eq!(vols.stats("alpha").unwrap().handles, 0);
+        assert_eq!(vols.stats("beta").unwrap().handles, 0);
+        vols.set_latency("alpha", None).unwrap();
+        let dev = torus_traits::VolumeProvider::open(vols.as_ref(), "alpha", true)
+            .await
+            .unwrap();
+        assert_eq!(&dev.read(0, 4).await.unwrap()[..], b"last");
+    })
+    .await
+}

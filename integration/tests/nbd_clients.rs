@@ -1,0 +1,303 @@
+//! Real NBD clients against a real `torusd`: nbdinfo, qemu-img, nbdcopy, fio,
+//! and ext4 on nbdfuse + a loop device.
+
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+use torus_integration::{checksum, pattern, require, run_ok, run_with_timeout, Torusd};
+
+const MIB: u64 = 1 << 20;
+
+fn node(dir: &tempfile::TempDir) -> Torusd {
+    Torusd::start(&dir.path().join("node"), &["--size", "1GiB"])
+}
+
+fn write_file(path: &std::path::Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(data).expect("write");
+}
+
+#[test]
+fn nbdinfo_reports_size_flags_and_lists_volumes() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let t = node(&dir);
+    t.ctl_ok(&["volume", "create-block", "pad", "64MiB"]);
+    t.ctl_ok(&["volume", "create-block", "other", "1GiB"]);
+    let out = run_ok(
+        Command::new("nbdinfo").arg("--json").arg(t.uri("pad")),
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo json");
+    let e = &v["exports"][0];
+    assert_eq!(e["export-size"], 64 * MIB, "{out}");
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
+        assert_eq!(e[flag], true, "{flag} should be advertised: {out}");
+    }
+    assert_eq!(e["is_read_only"], false, "{out}");
+    assert_eq!(e["block_size_preferred"], 4096, "{out}");
+    let list = run_ok(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg("--json")
+            .arg(format!("nbd://{}", t.nbd)),
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_str(&list).expect("nbdinfo --list json");
+    let mut names: Vec<String> = v["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["other", "pad"]);
+    // A missing volume is a clean error, and the server goes on serving.
+    let out = run_with_timeout(
+        Command::new("nbdinfo").arg(t.uri("nope")),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    run_ok(
+        Command::new("nbdinfo").arg(t.uri("pad")),
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn qemu_img_convert_in_and_compare_out() {
+    require("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let t = node(&dir);
+    t.ctl_ok(&["volume", "create-block", "img", "64MiB"]);
+    let src = dir.path().join("src.raw");
+    write_file(&src, &pattern(1, 64 * MIB as usize));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(t.uri("img")),
+        Duration::from_secs(120),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(t.uri("img")),
+        Duration::from_secs(120),
+    );
+    let out = dir.path().join("out.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(t.uri("img"))
+            .arg(&out),
+        Duration::from_secs(120),
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+}
+
+#[test]
+fn nbdcopy_round_trip_and_several_clients_on_several_volumes() {
+    require("nbdcopy");
+    let dir = tempfile::tempdir().unwrap();
+    let t = node(&dir);
+    let size = 32 * MIB as usize;
+    let mut copies = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        t.ctl_ok(&["volume", "create-block", name, "32MiB"]);
+        let src = dir.path().join(format!("{name}.in"));
+        write_file(&src, &pattern(10 + i as u64, size));
+        // Three clients at once, each on its own volume.
+        let child = Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&src)
+            .arg(t.uri(name))
+            .spawn()
+            .expect("nbdcopy");
+        copies.push((name, src, child));
+    }
+    for (name, src, mut child) in copies {
+        assert!(
+            child.wait().unwrap().success(),
+            "nbdcopy into {name} failed"
+        );
+        let out = dir.path().join(format!("{name}.out"));
+        run_ok(
+            Command::new("nbdcopy").arg(t.uri(name)).arg(&out),
+            Duration::from_secs(60),
+        );
+        let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&out).unwrap());
+        assert_eq!(
+            checksum(&a),
+            checksum(&b),
+            "volume {name} came back different"
+        );
+    }
+}
+
+#[test]
+fn fio_random_writes_verify_crc32c() {
+    require("fio");
+    let dir = tempfile::tempdir().unwrap();
+    let t = node(&dir);
+    t.ctl_ok(&["volume", "create-block", "fio", "64MiB"]);
+    let out = run_ok(
+        Command::new("fio").args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", t.uri("fio")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+        ]),
+        Duration::from_secs(300),
+    );
+    let json_start = out.find('{').expect("fio json");
+    let v: serde_json::Value = serde_json::from_str(&out[json_start..]).expect("fio json output");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio reported an error: {out}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 32 * MIB,
+        "fio wrote too little: {out}"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 32 * MIB,
+        "fio verified too little: {out}"
+    );
+}
+
+/// Unmounts, detaches and unmounts FUSE on drop, so a failing test leaves no mounts.
+struct Mounts {
+    fuse_dir: std::path::PathBuf,
+    loopdev: Option<String>,
+    mnt: std::path::PathBuf,
+    fuse: Option<std::process::Child>,
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).output();
+        if let Some(l) = &self.loopdev {
+            let _ = Command::new("losetup").arg("-d").arg(l).output();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .output();
+        if let Some(mut c) = self.fuse.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn ext4_on_nbdfuse_and_loop_survives_remount_and_fsck() {
+    for p in [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mkfs.ext4",
+        "fsck.ext4",
+        "mount",
+        "umount",
+    ] {
+        require(p);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = node(&dir);
+    t.ctl_ok(&["volume", "create-block", "fs", "256MiB"]);
+    let fuse_dir = dir.path().join("fuse");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&fuse_dir).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let pidfile = dir.path().join("nbdfuse.pid");
+    let fuse = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(fuse_dir.join("disk"))
+        .arg(t.uri("fs"))
+        .spawn()
+        .expect("nbdfuse");
+    let mut m = Mounts {
+        fuse_dir: fuse_dir.clone(),
+        loopdev: None,
+        mnt: mnt.clone(),
+        fuse: Some(fuse),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !pidfile.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let disk = fuse_dir.join("disk");
+    let loopdev = run_ok(
+        Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&disk),
+        Duration::from_secs(30),
+    )
+    .trim()
+    .to_string();
+    m.loopdev = Some(loopdev.clone());
+    run_ok(
+        Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&loopdev),
+        Duration::from_secs(120),
+    );
+    run_ok(
+        Command::new("mount").arg(&loopdev).arg(&mnt),
+        Duration::from_secs(30),
+    );
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                format!("file{i}"),
+                pattern(100 + i, (i as usize + 1) * 512 * 1024 + 123),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(mnt.join("dir")).unwrap();
+    for (name, data) in &files {
+        write_file(&mnt.join("dir").join(name), data);
+    }
+    run_ok(&mut Command::new("sync"), Duration::from_secs(60));
+    run_ok(Command::new("umount").arg(&mnt), Duration::from_secs(60));
+    let fsck = run_with_timeout(
+        Command::new("fsck.ext4").args(["-n", "-f"]).arg(&loopdev),
+        Duration::from_secs(120),
+    );
+    assert!(
+        fsck.status.success(),
+        "fsck.ext4 -n found problems: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    run_ok(
+        Command::new("mount").arg(&loopdev).arg(&mnt),
+        Duration::from_secs(30),
+    );
+    for (name, data) in &files {
+        let back = std::fs::read(mnt.join("dir").join(name)).expect("read back");
+        assert_eq!(
+            checksum(&back),
+            checksum(data),
+            "{name} changed across remount"
+        );
+    }
+    drop(m);
+}

@@ -1,0 +1,156 @@
+//! `torusctl`: operate a Torus cluster.
+//!
+//! Talks to a node's admin endpoint (`--server`, default the local node at
+//! http://127.0.0.1:4321). Errors are one line on stderr and exit status 1.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use torus::cluster::InitParams;
+use torus::control::Control;
+use torus_traits::ByteSize;
+
+#[derive(Parser, Debug)]
+#[command(name = "torusctl", version, about = "Operate a Torus cluster")]
+struct Args {
+    /// Admin endpoint of a torus node.
+    #[arg(
+        long,
+        short = 's',
+        env = "TORUS_SERVER",
+        default_value = "http://127.0.0.1:4321",
+        global = true
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Initialise a new cluster (chunk size and default replication are fixed here).
+    Init {
+        /// Chunk size: the unit of placement and replication.
+        #[arg(long, default_value = "4MiB")]
+        block_size: String,
+        /// Copies of each chunk.
+        #[arg(long, default_value_t = 1)]
+        replication: u32,
+    },
+    /// Manage volumes.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// List peers: address, id, pool size and use, membership, last heartbeat.
+    ListPeers {
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Create a thin-provisioned block volume, e.g. `create-block pad 1GiB`.
+    CreateBlock { name: String, size: String },
+    /// List volumes.
+    List {
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and free its space.
+    Delete { name: String },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("torusctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("torusctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<ByteSize>()
+        .map(|b| b.0)
+        .map_err(|e| e.to_string())
+}
+
+async fn run(args: Args) -> Result<String, String> {
+    let ctl = torus::admin::AdminClient::new(&args.server).map_err(|e| e.to_string())?;
+    let ctl: &dyn Control = &ctl;
+    let e = |e: torus_traits::Error| e.to_string();
+    match args.command {
+        Command::Init {
+            block_size,
+            replication,
+        } => {
+            let params = InitParams {
+                chunk_size: parse_size(&block_size)?,
+                replication,
+            };
+            let c = ctl.init(params).await.map_err(e)?;
+            Ok(format!(
+                "initialised cluster: block size {}, replication {}\n",
+                ByteSize(c.chunk_size),
+                c.replication
+            ))
+        }
+        Command::Volume { command } => match command {
+            VolumeCommand::CreateBlock { name, size } => {
+                let size = parse_size(&size)?;
+                let v = ctl.create_volume(&name, size).await.map_err(e)?;
+                Ok(format!(
+                    "created volume {} ({})\n",
+                    v.name,
+                    ByteSize(v.size)
+                ))
+            }
+            VolumeCommand::List { json } => {
+                let vols = ctl.list_volumes().await.map_err(e)?;
+                if json {
+                    serde_json::to_string_pretty(&vols)
+                        .map(|s| s + "\n")
+                        .map_err(|e| e.to_string())
+                } else {
+                    Ok(torus::cli::volume_table(&vols))
+                }
+            }
+            VolumeCommand::Delete { name } => {
+                let v = ctl.delete_volume(&name).await.map_err(e)?;
+                Ok(format!("deleted volume {}\n", v.name))
+            }
+        },
+        Command::ListPeers { json } => {
+            let peers = ctl.list_peers().await.map_err(e)?;
+            if json {
+                serde_json::to_string_pretty(&peers)
+                    .map(|s| s + "\n")
+                    .map_err(|e| e.to_string())
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                Ok(torus::cli::peer_table(&peers, now))
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The cluster record and the ring, on top of [`MetadataStore`].
+//!
+//! `torusctl init` writes the cluster record once: the chunk size every node
+//! cuts volumes into, the default replication, and the key-layout version.
+//! The ring lists which peers hold data; it is versioned and only ever changed
+//! by compare-and-swap on its `mod_revision`, so concurrent joins never lose
+//! one another.
+
+use crate::codec::{decode, encode};
+use crate::keys;
+use serde::{Deserialize, Serialize};
+use torus_traits::{
+    ByteSize, Compare, CompareOp, Error, MetadataStore, PeerId, Result, Ring, Txn, TxnOp,
+};
+
+/// Default chunk size: large enough to keep placement metadata small, while
+/// I/O inside a chunk is at byte offsets so small writes stay small.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+/// Cluster-wide settings fixed at `torusctl init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Chunk size in bytes (the placement unit).
+    pub chunk_size: u64,
+    /// Default number of copies of each chunk.
+    pub replication: u32,
+    /// Version of the metadata key layout.
+    pub layout_version: u32,
+}
+
+/// Parameters of `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitParams {
+    pub chunk_size: u64,
+    pub replication: u32,
+}
+
+impl Default for InitParams {
+    fn default() -> Self {
+        InitParams {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            replication: 1,
+        }
+    }
+}
+
+impl InitParams {
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.chunk_size;
+        if !(64 << 10..=256 << 20).contains(&cs) || !cs.is_power_of_two() {
+            return Err(Error::InvalidArgument(format!(
+                "block size {} must be a power of two between 64 KiB and 256 MiB",
+                ByteSize(cs)
+            )));
+        }
+        if !(1..=16).contains(&self.replication) {
+            return Err(Error::InvalidArgument(format!(
+                "replication {} must be between 1 and 16",
+                self.replication
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Read the cluster record; `None` when the cluster is not initialised.
+pub async fn get(meta: &dyn MetadataStore) -> Result<Option<ClusterRecord>> {
+    match meta.get(keys::CLUSTER.as_bytes()).await? {
+        Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),
+        None => Ok(None),
+    }
+}
+
+/// Write the cluster record and an empty ring. Fails with `AlreadyExists`
+/// (saying what the cluster has) when it was initialised before.
+pub async fn init(meta: &dyn MetadataStore, params: InitParams) -> Result<ClusterRecord> {
+    params.validate()?;
+    let record = ClusterRecord {
+        chunk_size: params.chunk_size,
+        replication: params.replication,
+        layout_version: keys::LAYOUT_VERSION,
+    };
+    let ring = Ring {
+        version: 1,
+        replication: params.replication,
+        peers: vec![],
+    };
+    let resp = meta
+        .txn(
+            Txn::new()
+                .when([Compare::absent(keys::CLUSTER)])
+                .and_then([
+                    TxnOp::put(keys::CLUSTER, encode(&record)?),
+                    TxnOp::put(keys::RING, encode(&ring)?),
+                ])
+                .or_else([TxnOp::get(keys::CLUSTER)]),
+        )
+        .await?;
+    if resp.succeeded {
+        return Ok(record);
+    }
+    let existing = match get(meta).await? {
+        Some(r) => format!(
+            " (block size {}, replication {})",
+            ByteSize(r.chunk_size),
+            r.replication
+        ),
+        None => String::new(),
+    };
+    Err(Error::AlreadyExists(format!(
+        "cluster is already initialised{existing}"
+    )))
+}
+
+/// The ring and the revision it was read at (for compare-and-swap).
+pub async fn ring(meta: &dyn MetadataStore) -> Result<(Ring, i64)> {
+    match meta.get(keys::RING.as_bytes()).await? {
+        Some(kv) => Ok((decode(&kv.key, &kv.value)?, kv.mod_revision)),
+        None => Err(Error::NotFound(
+            "ring (is the cluster initialised? run `torusctl init`)".into(),
+        )),
+    }
+}
+
+/// Change the ring with `change` under compare-and-swap, retrying on
+/// conflicts. `change` returns false when there is nothing to do.
+pub async fn update_ring(
+    meta: &dyn MetadataStore,
+    mut change: impl FnMut(&mut Ring) -> Result<bool>,
+) -> Result<Ring> {
+    const ATTEMPTS: usize = 32;
+    for _ in 0..ATTEMPTS {
+        let (mut ring, rev) = ring(meta).await?;
+        if !change(&mut ring)? {
+            return Ok(ring);
+        }
+        ring.version += 1;
+        let resp = meta
+            .txn(
+                Txn::new()
+                    .when([Compare::mod_revision(keys::RING, CompareOp::Equal, rev)])
+                    .and_then([TxnOp::put(keys::RING, encode(&ring)?)]),
+            )
+            .await?;
+        if resp.succeeded {
+            return Ok(ring);
+        }
+    }
+    Err(Error::Unavailable(
+        "ring changed concurrently too many times; try again".into(),
+    ))
+}
+
+/// Add peers to the ring (no-op for members).
+pub async fn add_peers(meta: &dyn MetadataStore, peers: &[PeerId]) -> Result<Ring> {
+    update_ring(meta, |ring| {
+        let mut changed = false;
+        for p in peers {
+            if !ring.peers.contains(p) {
+                ring.peers.push(*p);
+                changed = true;
+            }
+        }
+        Ok(changed)
+    })
+    .await
+}

@@ -1,0 +1,471 @@
+//! Node configuration: one [`Config`], loaded in layers with the `config` crate.
+//!
+//! Order (later wins): built-in defaults (the embedded single node: sled
+//! metadata and file storage under `./torus-data`, NBD on 127.0.0.1:10809,
+//! admin HTTP on 127.0.0.1:4321), an optional TOML file (`--config FILE`),
+//! environment variables (`TORUS_` prefix, `__` between section and key, e.g.
+//! `TORUS_STORAGE__SIZE=10GiB`, `TORUS_DATA_DIR=/var/lib/torus`), then
+//! command-line flags. Unknown keys and bad values are errors that name the
+//! key and where it came from.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use torus_traits::ByteSize;
+
+/// Which metadata store a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetadataBackend {
+    /// Embedded, persistent, single node (under `data_dir/metadata`).
+    Sled,
+    /// In memory; everything is lost on exit. For tests.
+    Memory,
+}
+
+/// Which block store holds the node's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// One sparse file per chunk under `data_dir/blocks`, positional I/O.
+    File,
+    /// The same files, accessed through memory mappings.
+    Mmap,
+    /// In memory; everything is lost on exit. For tests.
+    Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataConfig {
+    pub backend: MetadataBackend,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// Size of the storage pool this node contributes.
+    pub size: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// Serve NBD at all.
+    pub enabled: bool,
+    /// Address the NBD server listens on.
+    pub listen: String,
+    /// Largest single read or write a client may send.
+    pub max_request: ByteSize,
+    /// Requests processed at once per connection (back-pressure beyond).
+    pub max_in_flight: usize,
+    /// Serve every volume read-only.
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Host the HTTP admin endpoint (used by `torusctl`) listens on.
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Initialise an empty cluster on start with the values below (the
+    /// embedded default; `--debug-init` in the original).
+    pub auto_init: bool,
+    /// Chunk size used when this node initialises the cluster.
+    pub block_size: ByteSize,
+    /// Default replication used when this node initialises the cluster.
+    pub replication: u32,
+    /// Join the ring on start.
+    pub auto_join: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Time to live of the node's lease: how long after it dies its volume
+    /// locks are released and it shows as DOWN.
+    #[serde(with = "humantime_serde_compat")]
+    pub lease_ttl: Duration,
+    /// Address advertised to operators and peers (defaults to the NBD address).
+    pub address: Option<String>,
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the node keeps its metadata, chunks and identity.
+    pub data_dir: PathBuf,
+    /// Log at debug level.
+    pub debug: bool,
+    pub metadata: MetadataConfig,
+    pub storage: StorageConfig,
+    pub nbd: NbdConfig,
+    pub admin: AdminConfig,
+    pub cluster: ClusterConfig,
+    pub node: NodeConfig,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        MetadataConfig {
+            backend: MetadataBackend::Sled,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::File,
+            size: ByteSize(2 << 30),
+        }
+    }
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            enabled: true,
+            listen: "127.0.0.1:10809".into(),
+            max_request: ByteSize(32 << 20),
+            max_in_flight: 128,
+            read_only: false,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            host: "127.0.0.1".into(),
+            port: 4321,
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            auto_init: true,
+            block_size: ByteSize(crate::cluster::DEFAULT_CHUNK_SIZE),
+            replication: 1,
+            auto_join: true,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            lease_ttl: Duration::from_secs(10),
+            address: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./torus-data"),
+            debug: false,
+            metadata: MetadataConfig::default(),
+            storage: StorageConfig::default(),
+            nbd: NbdConfig::default(),
+            admin: AdminConfig::default(),
+            cluster: ClusterConfig::default(),
+            node: NodeConfig::default(),
+        }
+    }
+}
+
+/// Durations as human strings ("10s", "2m") or whole seconds.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!("bad duration {t:?}: {e} (examples: 10s, 2m)"))
+            }),
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub size: Option<String>,
+    pub nbd_listen: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub debug: bool,
+    pub debug_init: bool,
+    pub auto_join: bool,
+}
+
+/// A configuration error: one line naming the key and its source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Load defaults, then `file`, then `TORUS_*` from `env`, then `flags`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let defaults = config::Config::try_from(&Config::default())
+            .map_err(|e| ConfigError(format!("built-in defaults: {e}")))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            check_file(&text)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TORUS_"))
+            .collect();
+        if !env.is_empty() {
+            builder = builder.add_source(
+                config::Environment::with_prefix("TORUS")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env.clone())),
+            );
+        }
+        let set =
+            |b: config::ConfigBuilder<config::builder::DefaultState>, k: &str, v: config::Value| {
+                b.set_override(k, v)
+                    .map_err(|e| ConfigError(format!("flag for {k}: {e}")))
+            };
+        if let Some(d) = &flags.data_dir {
+            builder = set(builder, "data_dir", d.display().to_string().into())?;
+        }
+        if let Some(s) = &flags.size {
+            s.parse::<ByteSize>()
+                .map_err(|e| ConfigError(format!("--size: {e}")))?;
+            builder = set(builder, "storage.size", s.clone().into())?;
+        }
+        if let Some(l) = &flags.nbd_listen {
+            builder = set(builder, "nbd.listen", l.clone().into())?;
+        }
+        if let Some(h) = &flags.host {
+            builder = set(builder, "admin.host", h.clone().into())?;
+        }
+        if let Some(p) = flags.port {
+            builder = set(builder, "admin.port", (p as i64).into())?;
+        }
+        if flags.debug {
+            builder = set(builder, "debug", true.into())?;
+        }
+        if flags.debug_init {
+            builder = set(builder, "cluster.auto_init", true.into())?;
+        }
+        if flags.auto_join {
+            builder = set(builder, "cluster.auto_join", true.into())?;
+        }
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError(format!("configuration: {e}")))?;
+        let cfg: Config = merged.try_deserialize().map_err(|e| {
+            let origin = if env.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (set vars: {})",
+                    env.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            };
+            ConfigError(format!("configuration: {e}{origin}"))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |k: &str, why: String| Err(ConfigError(format!("{k}: {why}")));
+        if self.nbd.enabled && self.nbd.listen.parse::<SocketAddr>().is_err() {
+            return bad(
+                "nbd.listen",
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:10809",
+                    self.nbd.listen
+                ),
+            );
+        }
+        if self.storage.size.0 < (1 << 20) {
+            return bad(
+                "storage.size",
+                format!("{} is too small (at least 1 MiB)", self.storage.size),
+            );
+        }
+        let mr = self.nbd.max_request.0;
+        if !(4096..=(256 << 20)).contains(&mr) {
+            return bad(
+                "nbd.max_request",
+                format!("{} must be between 4 KiB and 256 MiB", self.nbd.max_request),
+            );
+        }
+        if self.nbd.max_in_flight == 0 || self.nbd.max_in_flight > 4096 {
+            return bad(
+                "nbd.max_in_flight",
+                format!("{} must be between 1 and 4096", self.nbd.max_in_flight),
+            );
+        }
+        if self.node.lease_ttl < Duration::from_secs(1) {
+            return bad("node.lease_ttl", "must be at least 1s".into());
+        }
+        crate::cluster::InitParams {
+            chunk_size: self.cluster.block_size.0,
+            replication: self.cluster.replication,
+        }
+        .validate()
+        .or_else(|e| bad("cluster", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The admin endpoint's socket address.
+    pub fn admin_addr(&self) -> String {
+        if self.admin.host.contains(':') && !self.admin.host.starts_with('[') {
+            format!("[{}]:{}", self.admin.host, self.admin.port)
+        } else {
+            format!("{}:{}", self.admin.host, self.admin.port)
+        }
+    }
+}
+
+/// Deserialize the file's text on its own, so an unknown key or bad value is
+/// reported in one line with the file's line number and the key's name.
+fn check_file(text: &str) -> Result<(), String> {
+    toml::from_str::<Config>(text).map(|_| ()).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| {
+                format!(
+                    "line {}: ",
+                    text[..s.start.min(text.len())].matches('\n').count() + 1
+                )
+            })
+            .unwrap_or_default();
+        // toml's messages may span lines; the error must stay one line.
+        let msg: Vec<&str> = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        format!("{line}{}", msg.join("; "))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        Config::load(Some(f.path()), Vec::new(), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_single_node() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.metadata.backend, MetadataBackend::Sled);
+        assert_eq!(c.storage.backend, StorageBackend::File);
+        assert_eq!(c.nbd.listen, "127.0.0.1:10809");
+        assert_eq!(c.admin_addr(), "127.0.0.1:4321");
+        assert_eq!(c.data_dir, PathBuf::from("./torus-data"));
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "[storage]\nsize = \"3GiB\"\nbackend = \"mmap\"\n[nbd]\nlisten = \"127.0.0.1:1\""
+        )
+        .unwrap();
+        let env = vec![
+            ("TORUS_STORAGE__SIZE".to_string(), "4GiB".to_string()),
+            ("TORUS_NODE__LEASE_TTL".to_string(), "3s".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let flags = Overrides {
+            nbd_listen: Some("127.0.0.1:2".into()),
+            port: Some(9999),
+            ..Default::default()
+        };
+        let c = Config::load(Some(f.path()), env, &flags).unwrap();
+        assert_eq!(c.storage.size, ByteSize(4 << 30));
+        assert_eq!(c.storage.backend, StorageBackend::Mmap);
+        assert_eq!(c.nbd.listen, "127.0.0.1:2");
+        assert_eq!(c.admin.port, 9999);
+        assert_eq!(c.node.lease_ttl, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let e = load_text("[storage]\nsise = \"1GiB\"\n").unwrap_err().0;
+        assert!(e.contains("sise"), "{e}");
+        assert!(e.contains("config file"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let e = load_text("[storage]\nsize = \"lots\"\n").unwrap_err().0;
+        assert!(e.contains("lots"), "{e}");
+        let e = load_text("[metadata]\nbackend = \"zookeeper\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("zookeeper"), "{e}");
+        let e = load_text("this is not toml").unwrap_err().0;
+        assert!(e.contains("config file"), "{e}");
+        let e = load_text("[nbd]\nlisten = \"nowhere\"\n").unwrap_err().0;
+        assert!(e.contains("nbd.listen"), "{e}");
+        let e = Config::load(
+            None,
+            vec![("TORUS_BOGUS".to_string(), "1".to_string())],
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("bogus") && e.contains("TORUS_BOGUS"), "{e}");
+        let flags = Overrides {
+            size: Some("12 parsecs".into()),
+            ..Default::default()
+        };
+        let e = Config::load(None, Vec::new(), &flags).unwrap_err().0;
+        assert!(e.contains("--size"), "{e}");
+    }
+}

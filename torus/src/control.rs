@@ -1,0 +1,89 @@
+//! The operator's view of a cluster: what `torusctl` does.
+//!
+//! [`Control`] is implemented once on top of metadata ([`MetaControl`]), and
+//! carried over HTTP by the node's admin endpoint (`admin` module: server and
+//! [`AdminClient`](crate::admin::AdminClient)). So `torusctl` against a local
+//! embedded node and `torusctl --etcd` against a cluster run the same code.
+
+use crate::catalog::{self, VolumeRecord};
+use crate::cluster::{self, ClusterRecord, InitParams};
+use crate::peers::{self, PeerStatus};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use torus_traits::{Error, MetadataStore, Result};
+
+/// A volume as `volume list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub record: VolumeRecord,
+    /// `healthy` (all copies present); later also `degraded`, `rebuilding`.
+    pub status: String,
+    /// Address of the node that has it open for writing, if any.
+    pub open_on: Option<String>,
+}
+
+/// Cluster operations.
+#[async_trait]
+pub trait Control: Send + Sync {
+    async fn init(&self, params: InitParams) -> Result<ClusterRecord>;
+    async fn cluster(&self) -> Result<ClusterRecord>;
+    async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRecord>;
+    async fn list_volumes(&self) -> Result<Vec<VolumeStatus>>;
+    async fn delete_volume(&self, name: &str) -> Result<VolumeRecord>;
+    async fn list_peers(&self) -> Result<Vec<PeerStatus>>;
+}
+
+/// [`Control`] directly on a metadata store.
+pub struct MetaControl {
+    meta: Arc<dyn MetadataStore>,
+}
+
+impl MetaControl {
+    pub fn new(meta: Arc<dyn MetadataStore>) -> Self {
+        MetaControl { meta }
+    }
+}
+
+fn not_initialised() -> Error {
+    Error::NotFound("the cluster is not initialised: run `torusctl init`".into())
+}
+
+#[async_trait]
+impl Control for MetaControl {
+    async fn init(&self, params: InitParams) -> Result<ClusterRecord> {
+        cluster::init(&*self.meta, params).await
+    }
+
+    async fn cluster(&self) -> Result<ClusterRecord> {
+        cluster::get(&*self.meta).await?.ok_or_else(not_initialised)
+    }
+
+    async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRecord> {
+        let c = self.cluster().await?;
+        catalog::create(&*self.meta, name, size, c.replication).await
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeStatus>> {
+        let mut out = Vec::new();
+        for record in catalog::list(&*self.meta).await? {
+            let open_on = catalog::get_lock(&*self.meta, record.id)
+                .await?
+                .map(|(l, _)| l.address);
+            out.push(VolumeStatus {
+                record,
+                status: "healthy".into(),
+                open_on,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn delete_volume(&self, name: &str) -> Result<VolumeRecord> {
+        catalog::delete(&*self.meta, name).await
+    }
+
+    async fn list_peers(&self) -> Result<Vec<PeerStatus>> {
+        peers::list(&*self.meta).await
+    }
+}

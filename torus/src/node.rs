@@ -1,0 +1,428 @@
+//! A running node: the engine assembled from trait objects.
+//!
+//! [`Node::start`] takes already-built parts (metadata store, block store) so
+//! tests compose nodes from in-memory parts exactly as `torusd` composes them
+//! from a [`Config`](crate::config::Config) in [`compose`](crate::compose).
+//!
+//! The node keeps a lease in metadata (its liveness), registers itself in the
+//! peer registry and refreshes it with a heartbeat, serves volumes to
+//! frontends as a [`VolumeProvider`] (one writer lock per volume, shared by
+//! every handle on this node), and frees the chunks of deleted volumes.
+
+use crate::catalog::{self, VolumeRecord};
+use crate::cluster::{self, ClusterRecord};
+use crate::peers;
+use crate::replica::Replica;
+use crate::volume::Volume;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use torus_traits::{
+    BlockDevice, BlockStore, Error, EventKind, ExportInfo, LeaseId, MetadataStore, PeerId,
+    PeerInfo, Result, VolumeProvider,
+};
+
+/// What a node needs besides its storage parts.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub id: PeerId,
+    /// Address shown to operators and other peers.
+    pub address: String,
+    /// Time to live of the node's lease (its liveness and its volume locks).
+    pub lease_ttl: Duration,
+    /// Join the ring on start.
+    pub auto_join: bool,
+}
+
+struct Inner {
+    opts: NodeOptions,
+    /// Advertised address; set once the frontends know their real ports.
+    address: Mutex<String>,
+    meta: Arc<dyn MetadataStore>,
+    replica: Arc<Replica>,
+    cluster: ClusterRecord,
+    lease: Mutex<LeaseId>,
+    /// Writable volumes open on this node, shared by all their handles.
+    open: Mutex<HashMap<String, Weak<OpenVolume>>>,
+    /// Serialises writable opens so two local opens of one volume share one
+    /// lock and epoch instead of racing for it.
+    open_gate: tokio::sync::Mutex<()>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A started node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// The writer's shared state of a volume; the last handle dropped releases
+/// the lock.
+struct OpenVolume {
+    volume: Volume,
+    node: Weak<Inner>,
+}
+
+impl Drop for OpenVolume {
+    fn drop(&mut self) {
+        let Some(inner) = self.node.upgrade() else {
+            return;
+        };
+        let record = self.volume.record().clone();
+        let io = self.volume.io();
+        // Drop cannot await: flush and release in the background. A new open
+        // racing with this is safe: it takes the lock over (same holder) and
+        // the release below only deletes a lock at this handle's epoch.
+        let fut = async move {
+            if let Err(e) = io.flush(record.id, record.epoch).await {
+                tracing::warn!(volume = %record.name, "flush on close failed: {e}");
+            }
+            let id = inner.opts.id;
+            if let Err(e) = catalog::release_lock(&*inner.meta, record.id, id, record.epoch).await {
+                tracing::warn!(volume = %record.name, "releasing the lock failed: {e}");
+            }
+            tracing::info!(volume = %record.name, epoch = record.epoch.0, "volume closed");
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(fut);
+        }
+    }
+}
+
+/// A handle given to a frontend: delegates to the shared open volume.
+struct Handle(Arc<OpenVolume>);
+
+#[async_trait]
+impl BlockDevice for Handle {
+    fn size(&self) -> u64 {
+        self.0.volume.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn multi_conn_safe(&self) -> bool {
+        self.0.volume.multi_conn_safe()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.0.volume.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.0.volume.write(offset, data, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.0.volume.write_zeroes(offset, len, may_trim, fua).await
+    }
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.0.volume.trim(offset, len, fua).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.0.volume.flush().await
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Node {
+    /// Start a node on an initialised cluster: take a lease, register, join
+    /// the ring if asked, free chunks of deleted volumes, start the heartbeat.
+    pub async fn start(
+        opts: NodeOptions,
+        meta: Arc<dyn MetadataStore>,
+        store: Arc<dyn BlockStore>,
+        cluster: ClusterRecord,
+    ) -> Result<Node> {
+        if store.chunk_size() != cluster.chunk_size {
+            return Err(Error::InvalidArgument(format!(
+                "block store chunk size {} differs from the cluster's {}",
+                store.chunk_size(),
+                cluster.chunk_size
+            )));
+        }
+        let lease = meta.grant(opts.lease_ttl).await?;
+        let node = Node {
+            inner: Arc::new(Inner {
+                replica: Arc::new(Replica::new(store)),
+                address: Mutex::new(opts.address.clone()),
+                opts,
+                meta,
+                cluster,
+                lease: Mutex::new(lease),
+                open: Mutex::new(HashMap::new()),
+                open_gate: tokio::sync::Mutex::new(()),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        node.heartbeat().await?;
+        if node.inner.opts.auto_join {
+            cluster::add_peers(&*node.inner.meta, &[node.inner.opts.id]).await?;
+        }
+        // Watch before collecting garbage, so a delete in between is not missed.
+        let watch = node
+            .inner
+            .meta
+            .watch(crate::keys::VOLUMES_BY_ID.as_bytes())
+            .await?;
+        node.collect_garbage().await?;
+        let gc = tokio::spawn(gc_loop(Arc::downgrade(&node.inner), watch));
+        let hb = tokio::spawn(heartbeat_loop(Arc::downgrade(&node.inner)));
+        lock(&node.inner.tasks).extend([gc, hb]);
+        tracing::info!(id = %node.id(), "node started");
+        Ok(node)
+    }
+
+    /// Change the advertised address (when a port was picked at bind time)
+    /// and publish it.
+    pub async fn set_address(&self, address: String) -> Result<()> {
+        *lock(&self.inner.address) = address;
+        self.heartbeat().await
+    }
+
+    pub fn address(&self) -> String {
+        lock(&self.inner.address).clone()
+    }
+
+    pub fn id(&self) -> PeerId {
+        self.inner.opts.id
+    }
+
+    pub fn meta(&self) -> &Arc<dyn MetadataStore> {
+        &self.inner.meta
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlockStore> {
+        self.inner.replica.store()
+    }
+
+    pub fn cluster(&self) -> &ClusterRecord {
+        &self.inner.cluster
+    }
+
+    /// Write this node's peer record now.
+    pub async fn heartbeat(&self) -> Result<()> {
+        heartbeat_once(&self.inner).await
+    }
+
+    /// Delete local chunks of volumes that are no longer in the catalog.
+    pub async fn collect_garbage(&self) -> Result<()> {
+        let live: std::collections::HashSet<_> = catalog::list(&*self.inner.meta)
+            .await?
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        let mut orphans: Vec<_> = self
+            .store()
+            .list_chunks()
+            .await?
+            .into_iter()
+            .map(|c| c.volume)
+            .filter(|v| !live.contains(v))
+            .collect();
+        orphans.dedup();
+        for v in orphans {
+            tracing::info!(volume = %v, "freeing chunks of deleted volume");
+            self.inner.replica.drop_volume(v).await?;
+        }
+        Ok(())
+    }
+
+    /// Stop the heartbeat and background tasks and release nothing, as a
+    /// crashed process would: the lease lapses after its TTL and other nodes
+    /// may take the volumes over. Open volumes are fenced.
+    pub fn abandon(&self) {
+        for t in lock(&self.inner.tasks).drain(..) {
+            t.abort();
+        }
+        for ov in lock(&self.inner.open)
+            .drain()
+            .filter_map(|(_, w)| w.upgrade())
+        {
+            ov.volume.fence();
+        }
+    }
+
+    /// Flush everything, release every volume lock and the lease, stop tasks.
+    pub async fn shutdown(&self) -> Result<()> {
+        for t in lock(&self.inner.tasks).drain(..) {
+            t.abort();
+        }
+        let open: Vec<Arc<OpenVolume>> = lock(&self.inner.open)
+            .drain()
+            .filter_map(|(_, w)| w.upgrade())
+            .collect();
+        let mut first_err = None;
+        for ov in &open {
+            ov.volume.fence();
+        }
+        if let Err(e) = self.store().flush().await {
+            first_err.get_or_insert(e);
+        }
+        for ov in &open {
+            let r = ov.volume.record();
+            if let Err(e) = catalog::release_lock(&*self.inner.meta, r.id, self.id(), r.epoch).await
+            {
+                first_err.get_or_insert(e);
+            }
+        }
+        let lease = *lock(&self.inner.lease);
+        if let Err(e) = self.inner.meta.revoke(lease).await {
+            tracing::debug!("revoking lease: {e}");
+        }
+        if let Err(e) = self.inner.meta.close().await {
+            first_err.get_or_insert(e);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn export_info(record: &VolumeRecord) -> ExportInfo {
+        ExportInfo {
+            name: record.name.clone(),
+            size: record.size,
+            description: format!("torus block volume {}", record.name),
+        }
+    }
+}
+
+async fn heartbeat_once(inner: &Inner) -> Result<()> {
+    let store = inner.replica.store();
+    let used = store.used().await?;
+    let address = lock(&inner.address).clone();
+    let info = PeerInfo {
+        id: inner.opts.id,
+        address,
+        capacity: store.capacity(),
+        used,
+        rebalance_rate: 0,
+        updated_unix_ms: catalog::now_ms(),
+    };
+    let lease = *lock(&inner.lease);
+    peers::heartbeat(&*inner.meta, &info, lease).await
+}
+
+/// Keep the lease alive and the peer record fresh. If the lease is lost (the
+/// metadata store was unreachable longer than its TTL), every writable volume
+/// of this node is fenced — another node may already have taken it over — and
+/// the node registers again under a new lease.
+async fn heartbeat_loop(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let period = strong.opts.lease_ttl / 3;
+        drop(strong);
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let lease = *lock(&inner.lease);
+        match inner.meta.keep_alive(lease).await {
+            Ok(_) => {}
+            Err(Error::LeaseNotFound(_)) => {
+                tracing::error!("lease lost: fencing every open volume and registering again");
+                for ov in lock(&inner.open).drain().filter_map(|(_, w)| w.upgrade()) {
+                    ov.volume.fence();
+                }
+                match inner.meta.grant(inner.opts.lease_ttl).await {
+                    Ok(new) => *lock(&inner.lease) = new,
+                    Err(e) => tracing::warn!("cannot grant a new lease: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("lease keep-alive failed: {e}"),
+        }
+        if let Err(e) = heartbeat_once(&inner).await {
+            tracing::warn!("heartbeat failed: {e}");
+        }
+    }
+}
+
+/// Free chunks as volumes are deleted; on a broken watch, rescan and rewatch.
+async fn gc_loop(inner: Weak<Inner>, mut watch: torus_traits::WatchStream) {
+    loop {
+        let event = watch.next().await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let node = Node { inner: strong };
+        match event {
+            Some(Ok(ev)) if ev.kind == EventKind::Delete => {
+                if let Some(id) = crate::keys::volume_id_from_key(&ev.kv.key) {
+                    tracing::info!(volume = %id, "volume deleted: freeing its chunks");
+                    if let Err(e) = node.inner.replica.drop_volume(id).await {
+                        tracing::warn!(volume = %id, "freeing chunks failed: {e}");
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match node
+                    .inner
+                    .meta
+                    .watch(crate::keys::VOLUMES_BY_ID.as_bytes())
+                    .await
+                {
+                    Ok(w) => watch = w,
+                    Err(e) => {
+                        tracing::warn!("volume watch failed: {e}");
+                        continue;
+                    }
+                }
+                if let Err(e) = node.collect_garbage().await {
+                    tracing::warn!("garbage collection failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl VolumeProvider for Node {
+    async fn list(&self) -> Result<Vec<ExportInfo>> {
+        Ok(catalog::list(&*self.inner.meta)
+            .await?
+            .iter()
+            .map(Node::export_info)
+            .collect())
+    }
+
+    async fn info(&self, name: &str) -> Result<ExportInfo> {
+        let (record, _) = catalog::get_by_name(&*self.inner.meta, name).await?;
+        Ok(Node::export_info(&record))
+    }
+
+    async fn open(&self, name: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
+        let chunk_size = self.inner.cluster.chunk_size;
+        let io = self.inner.replica.clone();
+        if read_only {
+            let (record, _) = catalog::get_by_name(&*self.inner.meta, name).await?;
+            return Ok(Arc::new(Volume::new(record, chunk_size, io, true)));
+        }
+        let _gate = self.inner.open_gate.lock().await;
+        if let Some(ov) = lock(&self.inner.open).get(name).and_then(Weak::upgrade) {
+            return Ok(Arc::new(Handle(ov)));
+        }
+        let lease = *lock(&self.inner.lease);
+        let record = catalog::acquire_lock(
+            &*self.inner.meta,
+            name,
+            self.inner.opts.id,
+            &self.address(),
+            lease,
+        )
+        .await?;
+        tracing::info!(volume = %name, epoch = record.epoch.0, "volume opened for writing");
+        let ov = Arc::new(OpenVolume {
+            volume: Volume::new(record, chunk_size, io, false),
+            node: Arc::downgrade(&self.inner),
+        });
+        let mut open = lock(&self.inner.open);
+        open.insert(name.to_string(), Arc::downgrade(&ov));
+        Ok(Arc::new(Handle(ov)))
+    }
+}

@@ -1,0 +1,97 @@
+//! The peer registry, on top of [`MetadataStore`].
+//!
+//! A live node keeps `peers/<uuid>` bound to its lease and rewrites it with
+//! every heartbeat (address, pool size, used bytes, rebuild rate). When the
+//! node dies its lease lapses and the key vanishes. The last record a peer
+//! wrote is also kept, lease-free, under `peer-info/<uuid>`, so a ring member
+//! that is down can still be shown with its address.
+
+use crate::cluster;
+use crate::codec::{decode, encode};
+use crate::keys;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use torus_traits::{LeaseId, MetadataStore, PeerId, PeerInfo, Result, Txn, TxnOp};
+
+const PEER_INFO: &str = "/torus/peer-info/";
+
+fn info_key(id: PeerId) -> Vec<u8> {
+    format!("{PEER_INFO}{id}").into_bytes()
+}
+
+/// Liveness and membership of a peer, as `list-peers` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Membership {
+    /// Alive and in the ring.
+    #[serde(rename = "OK")]
+    Ok,
+    /// Alive, not in the ring (not holding data).
+    #[serde(rename = "Avail")]
+    Avail,
+    /// In the ring, not alive.
+    #[serde(rename = "DOWN")]
+    Down,
+}
+
+/// One row of `list-peers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub info: PeerInfo,
+    pub member: Membership,
+}
+
+/// Write this peer's record under its lease (and the lease-free copy).
+pub async fn heartbeat(meta: &dyn MetadataStore, info: &PeerInfo, lease: LeaseId) -> Result<()> {
+    let value = encode(info)?;
+    meta.txn(Txn::new().and_then([
+        TxnOp::put_with_lease(keys::peer(info.id), value.clone(), lease),
+        TxnOp::put(info_key(info.id), value),
+    ]))
+    .await?;
+    Ok(())
+}
+
+/// Every peer that is alive or in the ring, with its membership.
+pub async fn list(meta: &dyn MetadataStore) -> Result<Vec<PeerStatus>> {
+    let mut alive = BTreeMap::new();
+    for kv in meta.range(keys::PEERS.as_bytes()).await? {
+        let info: PeerInfo = decode(&kv.key, &kv.value)?;
+        alive.insert(info.id, info);
+    }
+    let ring = match cluster::ring(meta).await {
+        Ok((ring, _)) => ring.peers,
+        Err(torus_traits::Error::NotFound(_)) => vec![],
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for id in &ring {
+        match alive.remove(id) {
+            Some(info) => out.push(PeerStatus {
+                info,
+                member: Membership::Ok,
+            }),
+            None => {
+                let info = match meta.get(&info_key(*id)).await? {
+                    Some(kv) => decode(&kv.key, &kv.value)?,
+                    None => PeerInfo {
+                        id: *id,
+                        address: String::new(),
+                        capacity: 0,
+                        used: 0,
+                        rebalance_rate: 0,
+                        updated_unix_ms: 0,
+                    },
+                };
+                out.push(PeerStatus {
+                    info,
+                    member: Membership::Down,
+                });
+            }
+        }
+    }
+    out.extend(alive.into_values().map(|info| PeerStatus {
+        info,
+        member: Membership::Avail,
+    }));
+    Ok(out)
+}
