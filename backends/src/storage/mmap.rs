@@ -11,11 +11,11 @@
 //!   would then count as used when the store is reopened.
 //! - A store into a mapped page dirties the whole page-cache folio holding it,
 //!   and writeback then allocates every block of the folio, holes included.
-//!   Page faults on a mapping create one-page folios (unless the mapping is
-//!   `MADV_HUGEPAGE`, which it is not), but buffered I/O by others, such as a
-//!   `FileBlockStore` on the same directory earlier, leaves large folios
-//!   (ext4 since Linux 6.16), which would make the bitmap undercount what is
-//!   on disk. So the clean cached pages of a file are dropped before it is
+//!   On current kernels page faults on a mapping create one-page folios
+//!   (unless the mapping is `MADV_HUGEPAGE`, which it is not), but buffered
+//!   I/O by others, such as a `FileBlockStore` on the same directory
+//!   earlier, leaves large folios (ext4 since Linux 6.16), which would make
+//!   the bitmap undercount what is on disk. So the clean cached pages of a file are dropped before it is
 //!   mapped. The test `mmap_neighbouring_holes_stay_holes` checks the
 //!   outcome.
 //! - Writes that allocate new blocks first `fallocate` them: storing into a
