@@ -38,4 +38,4 @@ pub use metadata::{
 pub use size::ByteSize;
 pub use storage::{BlockStore, SECTOR};
 pub use transport::{PeerHandler, PeerListener, PeerRequest, PeerResponse, PeerTransport};
-pub use types::{ChunkRef, Epoch, PeerId, PeerInfo, Ring, VolumeId};
+pub use types::{ChunkRef, Epoch, PeerId, PeerInfo, Ring, RingMember, VolumeId};

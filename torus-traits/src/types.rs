@@ -81,10 +81,25 @@ pub struct PeerInfo {
 }
 
 /// Ring membership: which peers hold data, and how many copies of each chunk.
-/// Versioned; changed only by compare-and-swap in metadata.
+/// Versioned; changed only by compare-and-swap in metadata. Placement is a
+/// pure function of the ring, so every node computes the same answer from
+/// the same version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ring {
     pub version: u64,
     pub replication: u32,
-    pub peers: Vec<PeerId>,
+    pub members: Vec<RingMember>,
+}
+
+/// A peer in the ring with its placement weight (its pool size when it joined).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingMember {
+    pub id: PeerId,
+    pub weight: u64,
+}
+
+impl Ring {
+    pub fn contains(&self, id: PeerId) -> bool {
+        self.members.iter().any(|m| m.id == id)
+    }
 }

@@ -10,7 +10,8 @@ use crate::codec::{decode, encode};
 use crate::keys;
 use serde::{Deserialize, Serialize};
 use torus_traits::{
-    ByteSize, Compare, CompareOp, Error, MetadataStore, PeerId, Result, Ring, Txn, TxnOp,
+    ByteSize, Compare, CompareOp, Error, MetadataStore, PeerId, Result, Ring, RingMember, Txn,
+    TxnOp,
 };
 
 /// Default chunk size: large enough to keep placement metadata small, while
@@ -83,7 +84,7 @@ pub async fn init(meta: &dyn MetadataStore, params: InitParams) -> Result<Cluste
     let ring = Ring {
         version: 1,
         replication: params.replication,
-        peers: vec![],
+        members: vec![],
     };
     let resp = meta
         .txn(
@@ -151,16 +152,41 @@ pub async fn update_ring(
     ))
 }
 
-/// Add peers to the ring (no-op for members).
-pub async fn add_peers(meta: &dyn MetadataStore, peers: &[PeerId]) -> Result<Ring> {
+/// Add members to the ring (members already in it keep their weight).
+pub async fn add_members(meta: &dyn MetadataStore, members: &[RingMember]) -> Result<Ring> {
     update_ring(meta, |ring| {
         let mut changed = false;
-        for p in peers {
-            if !ring.peers.contains(p) {
-                ring.peers.push(*p);
+        for m in members {
+            if !ring.contains(m.id) {
+                ring.members.push(*m);
                 changed = true;
             }
         }
+        Ok(changed)
+    })
+    .await
+}
+
+/// Take members out of the ring (absent ones are ignored).
+pub async fn remove_members(meta: &dyn MetadataStore, peers: &[PeerId]) -> Result<Ring> {
+    update_ring(meta, |ring| {
+        let before = ring.members.len();
+        ring.members.retain(|m| !peers.contains(&m.id));
+        Ok(ring.members.len() != before)
+    })
+    .await
+}
+
+/// Change the ring's default replication for new volumes.
+pub async fn set_replication(meta: &dyn MetadataStore, replication: u32) -> Result<Ring> {
+    if !(1..=16).contains(&replication) {
+        return Err(Error::InvalidArgument(format!(
+            "replication {replication} must be between 1 and 16"
+        )));
+    }
+    update_ring(meta, |ring| {
+        let changed = ring.replication != replication;
+        ring.replication = replication;
         Ok(changed)
     })
     .await

@@ -158,6 +158,9 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
     let opts = NodeOptions {
         id,
         address,
+        transport: None,
+        peer_listen: None,
+        peer_advertise: None,
         lease_ttl: cfg.node.lease_ttl,
         auto_join: cfg.cluster.auto_join,
     };

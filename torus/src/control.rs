@@ -60,8 +60,9 @@ impl Control for MetaControl {
     }
 
     async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRecord> {
-        let c = self.cluster().await?;
-        catalog::create(&*self.meta, name, size, c.replication).await
+        self.cluster().await?;
+        let (ring, _) = cluster::ring(&*self.meta).await?;
+        catalog::create(&*self.meta, name, size, ring.replication).await
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>> {

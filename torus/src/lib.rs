@@ -19,5 +19,7 @@ pub mod control;
 pub mod keys;
 pub mod node;
 pub mod peers;
+pub mod placement;
 pub mod replica;
+pub mod replication;
 pub mod volume;

@@ -13,25 +13,35 @@ use crate::catalog::{self, VolumeRecord};
 use crate::cluster::{self, ClusterRecord};
 use crate::peers;
 use crate::replica::Replica;
-use crate::volume::Volume;
+use crate::replication::{ClusterLink, PeerDirectory, ReplicatedChunks};
+use crate::volume::{ChunkIo, Volume};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use torus_traits::{
-    BlockDevice, BlockStore, Error, EventKind, ExportInfo, LeaseId, MetadataStore, PeerId,
-    PeerInfo, Result, VolumeProvider,
+    BlockDevice, BlockStore, Error, EventKind, ExportInfo, LeaseId, MetadataStore, PeerHandler,
+    PeerId, PeerInfo, PeerListener, PeerTransport, Result, VolumeProvider, WatchStream,
 };
 
 /// What a node needs besides its storage parts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     pub id: PeerId,
-    /// Address shown to operators and other peers.
+    /// Address shown to operators (replaced by the peer listener's address
+    /// when the node listens for peers).
     pub address: String,
+    /// How this node reaches other peers; `None` for a node that only ever
+    /// holds every replica itself (a ring of one).
+    pub transport: Option<Arc<dyn PeerTransport>>,
+    /// Where to listen for peers (`IP:PORT`, port 0 picks one).
+    pub peer_listen: Option<String>,
+    /// Address other peers should use, when it differs from the listener's
+    /// (NAT, 0.0.0.0 listens).
+    pub peer_advertise: Option<String>,
     /// Time to live of the node's lease (its liveness and its volume locks).
     pub lease_ttl: Duration,
     /// Join the ring on start.
@@ -44,6 +54,8 @@ struct Inner {
     address: Mutex<String>,
     meta: Arc<dyn MetadataStore>,
     replica: Arc<Replica>,
+    link: ClusterLink,
+    listener: Mutex<Option<Box<dyn PeerListener>>>,
     cluster: ClusterRecord,
     lease: Mutex<LeaseId>,
     /// Writable volumes open on this node, shared by all their handles.
@@ -145,10 +157,38 @@ impl Node {
             )));
         }
         let lease = meta.grant(opts.lease_ttl).await?;
+        let replica = Arc::new(Replica::new(store));
+        let (ring, _) = cluster::ring(&*meta).await?;
+        let link = ClusterLink {
+            me: opts.id,
+            local: replica.clone(),
+            transport: opts.transport.clone(),
+            meta: meta.clone(),
+            ring: Arc::new(RwLock::new(Arc::new(ring))),
+            directory: Arc::new(PeerDirectory::default()),
+        };
+        // Listen for peers before registering, so the advertised address works.
+        let mut address = opts.address.clone();
+        let mut listener = None;
+        if let (Some(t), Some(at)) = (&opts.transport, &opts.peer_listen) {
+            let handler: Arc<dyn PeerHandler> = replica.clone();
+            let l = t
+                .listen(at, handler)
+                .await
+                .map_err(|e| Error::Other(format!("cannot listen for peers on {at}: {e}")))?;
+            address = opts
+                .peer_advertise
+                .clone()
+                .unwrap_or_else(|| l.local_addr());
+            listener = Some(l);
+        }
+        link.directory.set(opts.id, address.clone());
         let node = Node {
             inner: Arc::new(Inner {
-                replica: Arc::new(Replica::new(store)),
-                address: Mutex::new(opts.address.clone()),
+                replica,
+                link,
+                listener: Mutex::new(listener),
+                address: Mutex::new(address),
                 opts,
                 meta,
                 cluster,
@@ -160,7 +200,11 @@ impl Node {
         };
         node.heartbeat().await?;
         if node.inner.opts.auto_join {
-            cluster::add_peers(&*node.inner.meta, &[node.inner.opts.id]).await?;
+            let me = torus_traits::RingMember {
+                id: node.inner.opts.id,
+                weight: node.store().capacity(),
+            };
+            cluster::add_members(&*node.inner.meta, &[me]).await?;
         }
         // Watch before collecting garbage, so a delete in between is not missed.
         let watch = node
@@ -169,9 +213,15 @@ impl Node {
             .watch(crate::keys::VOLUMES_BY_ID.as_bytes())
             .await?;
         node.collect_garbage().await?;
+        let cluster_watch = node.inner.meta.watch(crate::keys::ROOT.as_bytes()).await?;
+        node.refresh_cluster_view().await?;
         let gc = tokio::spawn(gc_loop(Arc::downgrade(&node.inner), watch));
         let hb = tokio::spawn(heartbeat_loop(Arc::downgrade(&node.inner)));
-        lock(&node.inner.tasks).extend([gc, hb]);
+        let view = tokio::spawn(cluster_view_loop(
+            Arc::downgrade(&node.inner),
+            cluster_watch,
+        ));
+        lock(&node.inner.tasks).extend([gc, hb, view]);
         tracing::info!(id = %node.id(), "node started");
         Ok(node)
     }
@@ -201,6 +251,26 @@ impl Node {
 
     pub fn cluster(&self) -> &ClusterRecord {
         &self.inner.cluster
+    }
+
+    /// Re-read the ring and the peers' addresses from metadata.
+    pub async fn refresh_cluster_view(&self) -> Result<()> {
+        refresh_view(&self.inner).await
+    }
+
+    /// The ring as this node currently sees it.
+    pub fn ring(&self) -> Arc<torus_traits::Ring> {
+        self.inner
+            .link
+            .ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The address peers reach this node at (when it listens for peers).
+    pub fn peer_address(&self) -> Option<String> {
+        lock(&self.inner.listener).as_ref().map(|l| l.local_addr())
     }
 
     /// Write this node's peer record now.
@@ -238,6 +308,7 @@ impl Node {
         for t in lock(&self.inner.tasks).drain(..) {
             t.abort();
         }
+        lock(&self.inner.listener).take();
         for ov in lock(&self.inner.open)
             .drain()
             .filter_map(|(_, w)| w.upgrade())
@@ -269,6 +340,7 @@ impl Node {
                 first_err.get_or_insert(e);
             }
         }
+        lock(&self.inner.listener).take();
         let lease = *lock(&self.inner.lease);
         if let Err(e) = self.inner.meta.revoke(lease).await {
             tracing::debug!("revoking lease: {e}");
@@ -280,6 +352,12 @@ impl Node {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    async fn chunk_io(&self, record: &VolumeRecord) -> Result<Arc<dyn ChunkIo>> {
+        let io =
+            ReplicatedChunks::open(self.inner.link.clone(), record.id, record.replication).await?;
+        Ok(Arc::new(io))
     }
 
     fn export_info(record: &VolumeRecord) -> ExportInfo {
@@ -341,6 +419,64 @@ async fn heartbeat_loop(inner: Weak<Inner>) {
     }
 }
 
+async fn refresh_view(inner: &Inner) -> Result<()> {
+    let (ring, _) = cluster::ring(&*inner.meta).await?;
+    *inner.link.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+    for p in peers::list(&*inner.meta).await? {
+        if !p.info.address.is_empty() && p.info.id != inner.opts.id {
+            inner.link.directory.set(p.info.id, p.info.address);
+        }
+    }
+    Ok(())
+}
+
+/// Keep the ring and the peer directory current from metadata events; on a
+/// broken watch, re-read everything and watch again.
+async fn cluster_view_loop(inner: Weak<Inner>, mut watch: WatchStream) {
+    loop {
+        let event = watch.next().await;
+        let Some(inner) = inner.upgrade() else { return };
+        match event {
+            Some(Ok(ev)) if ev.kind == EventKind::Put => {
+                if ev.kv.key == crate::keys::RING.as_bytes() {
+                    match crate::codec::decode::<torus_traits::Ring>(&ev.kv.key, &ev.kv.value) {
+                        Ok(ring) => {
+                            tracing::info!(
+                                version = ring.version,
+                                members = ring.members.len(),
+                                "ring changed"
+                            );
+                            *inner.link.ring.write().unwrap_or_else(|e| e.into_inner()) =
+                                Arc::new(ring);
+                        }
+                        Err(e) => tracing::warn!("ignoring an undecodable ring: {e}"),
+                    }
+                } else if ev.kv.key.starts_with(crate::keys::PEERS.as_bytes()) {
+                    if let Ok(info) = crate::codec::decode::<PeerInfo>(&ev.kv.key, &ev.kv.value) {
+                        if info.id != inner.opts.id {
+                            inner.link.directory.set(info.id, info.address);
+                        }
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match inner.meta.watch(crate::keys::ROOT.as_bytes()).await {
+                    Ok(w) => watch = w,
+                    Err(e) => {
+                        tracing::warn!("cluster watch failed: {e}");
+                        continue;
+                    }
+                }
+                if let Err(e) = refresh_view(&inner).await {
+                    tracing::warn!("refreshing the cluster view failed: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// Free chunks as volumes are deleted; on a broken watch, rescan and rewatch.
 async fn gc_loop(inner: Weak<Inner>, mut watch: torus_traits::WatchStream) {
     loop {
@@ -398,9 +534,9 @@ impl VolumeProvider for Node {
 
     async fn open(&self, name: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
         let chunk_size = self.inner.cluster.chunk_size;
-        let io = self.inner.replica.clone();
         if read_only {
             let (record, _) = catalog::get_by_name(&*self.inner.meta, name).await?;
+            let io = self.chunk_io(&record).await?;
             return Ok(Arc::new(Volume::new(record, chunk_size, io, true)));
         }
         let _gate = self.inner.open_gate.lock().await;
@@ -417,6 +553,15 @@ impl VolumeProvider for Node {
         )
         .await?;
         tracing::info!(volume = %name, epoch = record.epoch.0, "volume opened for writing");
+        let io = match self.chunk_io(&record).await {
+            Ok(io) => io,
+            Err(e) => {
+                let _ =
+                    catalog::release_lock(&*self.inner.meta, record.id, self.id(), record.epoch)
+                        .await;
+                return Err(e);
+            }
+        };
         let ov = Arc::new(OpenVolume {
             volume: Volume::new(record, chunk_size, io, false),
             node: Arc::downgrade(&self.inner),

@@ -58,8 +58,8 @@ pub async fn list(meta: &dyn MetadataStore) -> Result<Vec<PeerStatus>> {
         let info: PeerInfo = decode(&kv.key, &kv.value)?;
         alive.insert(info.id, info);
     }
-    let ring = match cluster::ring(meta).await {
-        Ok((ring, _)) => ring.peers,
+    let ring: Vec<PeerId> = match cluster::ring(meta).await {
+        Ok((ring, _)) => ring.members.iter().map(|m| m.id).collect(),
         Err(torus_traits::Error::NotFound(_)) => vec![],
         Err(e) => return Err(e),
     };

@@ -37,6 +37,9 @@ async fn node_on(meta: &Arc<dyn MetadataStore>, name: &str, ttl: Duration) -> No
     let opts = NodeOptions {
         id: PeerId::random(),
         address: format!("nbd://{name}"),
+        transport: None,
+        peer_listen: None,
+        peer_advertise: None,
         lease_ttl: ttl,
         auto_join: true,
     };

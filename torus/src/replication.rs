@@ -1,0 +1,375 @@
+//! Replicated chunk I/O: the writer's side of the data path.
+//!
+//! A [`ReplicatedChunks`] serves one open volume. Each chunk's replicas come
+//! from [`placement`](crate::placement) on the current ring; this node's own
+//! replica is reached directly, the others through the [`PeerTransport`].
+//!
+//! - **Writes and zeros** go to every current replica of the chunk in
+//!   parallel and succeed when all of them succeed. A replica that fails is
+//!   recorded as *degraded* for that chunk in metadata **before** the write is
+//!   acknowledged without it, so a lost copy is always known (and later
+//!   rebuilt), never silently dropped. A degraded replica gets no further
+//!   writes or reads of that chunk until it is rebuilt.
+//! - **Flush** is a durability barrier: every peer that received writes since
+//!   the last flush must make them durable; a peer that cannot is marked
+//!   degraded for every chunk it received, and the flush fails if any chunk
+//!   would be left without a durable copy.
+//! - **Reads** prefer this node's replica, then the others in placement
+//!   order, falling back on error.
+//! - A `Fenced` answer from any replica means a newer writer exists: it is
+//!   returned as is and never marks anything degraded.
+//!
+//! The chunks each peer received since the last flush are also what an
+//! incremental resync needs (issue: self-healing), so they are kept per peer.
+
+use crate::codec::{decode, encode};
+use crate::placement;
+use crate::replica::Replica;
+use crate::volume::ChunkIo;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use torus_traits::{
+    ChunkRef, Epoch, Error, MetadataStore, PeerId, PeerRequest, PeerResponse, PeerTransport,
+    Result, Ring, Txn, TxnOp, VolumeId,
+};
+
+/// Prefix of degraded-replica records: `/torus/degraded/<volume>/<index>/<peer>`.
+pub const DEGRADED: &str = "/torus/degraded/";
+
+pub fn degraded_prefix(volume: VolumeId) -> String {
+    format!("{DEGRADED}{:020}/", volume.0)
+}
+
+pub fn degraded_key(chunk: ChunkRef, peer: PeerId) -> String {
+    format!(
+        "{}{:020}/{peer}",
+        degraded_prefix(chunk.volume),
+        chunk.index
+    )
+}
+
+/// Why and when a replica was marked degraded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DegradedRecord {
+    pub epoch: Epoch,
+    pub reason: String,
+    pub since_unix_ms: u64,
+}
+
+/// Where peers are reached: `PeerId → transport address`, shared by a node.
+#[derive(Default)]
+pub struct PeerDirectory {
+    addrs: RwLock<HashMap<PeerId, String>>,
+}
+
+impl PeerDirectory {
+    pub fn set(&self, id: PeerId, addr: String) {
+        self.addrs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, addr);
+    }
+    pub fn get(&self, id: PeerId) -> Option<String> {
+        self.addrs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+}
+
+/// What a replicated volume needs from its node.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub me: PeerId,
+    pub local: Arc<Replica>,
+    pub transport: Option<Arc<dyn PeerTransport>>,
+    pub meta: Arc<dyn MetadataStore>,
+    pub ring: Arc<RwLock<Arc<Ring>>>,
+    pub directory: Arc<PeerDirectory>,
+}
+
+impl ClusterLink {
+    fn ring(&self) -> Arc<Ring> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Send one request to a peer (this node's own replica directly).
+    async fn call(&self, peer: PeerId, request: PeerRequest) -> Result<PeerResponse> {
+        if peer == self.me {
+            use torus_traits::PeerHandler;
+            return self.local.handle(request).await;
+        }
+        let transport = self.transport.as_ref().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "peer {peer} is remote and this node has no transport"
+            ))
+        })?;
+        let addr = self
+            .directory
+            .get(peer)
+            .ok_or_else(|| Error::Unavailable(format!("no known address for peer {peer}")))?;
+        transport.call(&addr, request).await
+    }
+}
+
+/// Replicated chunk I/O for one open volume.
+pub struct ReplicatedChunks {
+    link: ClusterLink,
+    volume: VolumeId,
+    replication: u32,
+    /// Replicas known to be stale, per chunk index.
+    degraded: Mutex<HashMap<u64, HashSet<PeerId>>>,
+    /// Chunks each peer received since the last flush.
+    dirty: Mutex<HashMap<PeerId, BTreeSet<u64>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ReplicatedChunks {
+    /// Open replicated I/O for `volume`, loading its degraded records.
+    pub async fn open(link: ClusterLink, volume: VolumeId, replication: u32) -> Result<Self> {
+        let mut degraded: HashMap<u64, HashSet<PeerId>> = HashMap::new();
+        for kv in link.meta.range(degraded_prefix(volume).as_bytes()).await? {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let mut parts = key.rsplit('/');
+            let peer = parts.next().and_then(|p| p.parse::<PeerId>().ok());
+            let index = parts.next().and_then(|i| i.parse::<u64>().ok());
+            match (peer, index) {
+                (Some(p), Some(i)) => {
+                    degraded.entry(i).or_default().insert(p);
+                }
+                _ => {
+                    return Err(Error::Corrupt(format!("bad degraded-replica key {key}")));
+                }
+            }
+        }
+        Ok(ReplicatedChunks {
+            link,
+            volume,
+            replication,
+            degraded: Mutex::new(degraded),
+            dirty: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The healthy replicas of a chunk, in placement order.
+    fn targets(&self, chunk: ChunkRef) -> Result<Vec<PeerId>> {
+        let ring = self.link.ring();
+        let all = placement::replicas(&ring, chunk, self.replication);
+        if all.is_empty() {
+            return Err(Error::Unavailable(
+                "the ring has no members: add peers with `torusctl peer add`".into(),
+            ));
+        }
+        let degraded = lock(&self.degraded);
+        let bad = degraded.get(&chunk.index);
+        let healthy: Vec<PeerId> = all
+            .into_iter()
+            .filter(|p| bad.is_none_or(|b| !b.contains(p)))
+            .collect();
+        if healthy.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "chunk {chunk} has no healthy replica left"
+            )));
+        }
+        Ok(healthy)
+    }
+
+    /// Record `peer` as degraded for `chunks` in metadata, then in memory.
+    async fn mark_degraded(
+        &self,
+        peer: PeerId,
+        chunks: &[u64],
+        epoch: Epoch,
+        reason: &str,
+    ) -> Result<()> {
+        let record = DegradedRecord {
+            epoch,
+            reason: reason.to_string(),
+            since_unix_ms: crate::catalog::now_ms(),
+        };
+        let value = encode(&record)?;
+        // Bounded transactions: etcd limits the operations per transaction.
+        for batch in chunks.chunks(64) {
+            let ops = batch.iter().map(|&i| {
+                TxnOp::put(
+                    degraded_key(ChunkRef::new(self.volume, i), peer),
+                    value.clone(),
+                )
+            });
+            self.link.meta.txn(Txn::new().and_then(ops)).await?;
+        }
+        let mut degraded = lock(&self.degraded);
+        for &i in chunks {
+            degraded.entry(i).or_default().insert(peer);
+        }
+        tracing::warn!(volume = %self.volume, %peer, chunks = chunks.len(), "replica marked degraded: {reason}");
+        Ok(())
+    }
+
+    /// Send a mutation to every healthy replica; degrade the ones that fail.
+    async fn replicate(&self, chunk: ChunkRef, epoch: Epoch, request: PeerRequest) -> Result<()> {
+        let targets = self.targets(chunk)?;
+        let results = join_all(targets.iter().map(|&p| self.link.call(p, request.clone()))).await;
+        let mut failed = Vec::new();
+        let mut first_err = None;
+        for (&peer, r) in targets.iter().zip(results) {
+            match r {
+                Ok(_) => {
+                    lock(&self.dirty)
+                        .entry(peer)
+                        .or_default()
+                        .insert(chunk.index);
+                }
+                Err(e @ Error::Fenced(_)) => return Err(e),
+                // The request itself is wrong: every replica would say so.
+                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                Err(e) => {
+                    failed.push((peer, e.to_string()));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if failed.len() == targets.len() {
+            return Err(
+                first_err.unwrap_or_else(|| Error::Unavailable("no replica answered".into()))
+            );
+        }
+        for (peer, why) in failed {
+            self.mark_degraded(peer, &[chunk.index], epoch, &why)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The peers a write of `chunk` reached, for tests and status.
+    pub fn healthy_replicas(&self, chunk: ChunkRef) -> Result<Vec<PeerId>> {
+        self.targets(chunk)
+    }
+}
+
+#[async_trait]
+impl ChunkIo for ReplicatedChunks {
+    async fn read(&self, chunk: ChunkRef, offset: u64, len: u64) -> Result<Bytes> {
+        let mut targets = self.targets(chunk)?;
+        if let Some(pos) = targets.iter().position(|&p| p == self.link.me) {
+            targets[..=pos].rotate_right(1);
+        }
+        let mut last = None;
+        for peer in targets {
+            match self
+                .link
+                .call(peer, PeerRequest::Read { chunk, offset, len })
+                .await
+            {
+                Ok(PeerResponse::Data(d)) if d.len() as u64 == len => return Ok(d),
+                Ok(other) => {
+                    last = Some(Error::Corrupt(format!(
+                        "peer {peer} answered a read with {other:?}"
+                    )))
+                }
+                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(%peer, %chunk, "read failed, trying the next replica: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable(format!("no replica of {chunk}"))))
+    }
+
+    async fn write(&self, chunk: ChunkRef, offset: u64, data: Bytes, epoch: Epoch) -> Result<()> {
+        self.replicate(
+            chunk,
+            epoch,
+            PeerRequest::Write {
+                chunk,
+                offset,
+                data,
+                epoch,
+            },
+        )
+        .await
+    }
+
+    async fn zero(&self, chunk: ChunkRef, offset: u64, len: u64, epoch: Epoch) -> Result<()> {
+        self.replicate(
+            chunk,
+            epoch,
+            PeerRequest::Zero {
+                chunk,
+                offset,
+                len,
+                epoch,
+            },
+        )
+        .await
+    }
+
+    async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
+        let pending: Vec<(PeerId, BTreeSet<u64>)> = lock(&self.dirty).drain().collect();
+        if pending.is_empty() {
+            // Nothing written since the last barrier; still make this node's
+            // own earlier writes durable (cheap when clean).
+            return self.link.local.flush(volume, epoch).await;
+        }
+        let results = join_all(
+            pending
+                .iter()
+                .map(|(p, _)| self.link.call(*p, PeerRequest::Flush { volume, epoch })),
+        )
+        .await;
+        let mut failed: Vec<(PeerId, Vec<u64>, Error)> = Vec::new();
+        let mut durable: HashMap<u64, usize> = HashMap::new();
+        for ((peer, chunks), r) in pending.iter().zip(results) {
+            match r {
+                Ok(_) => {
+                    for &i in chunks {
+                        *durable.entry(i).or_default() += 1;
+                    }
+                }
+                Err(e) => failed.push((*peer, chunks.iter().copied().collect(), e)),
+            }
+        }
+        if let Some((_, _, e @ Error::Fenced(_))) =
+            failed.iter().find(|f| matches!(f.2, Error::Fenced(_)))
+        {
+            return Err(e.clone());
+        }
+        for (peer, chunks, e) in &failed {
+            if let Err(me) = self
+                .mark_degraded(*peer, chunks, epoch, &format!("flush failed: {e}"))
+                .await
+            {
+                // Cannot record the loss: the barrier must not pass. Keep the
+                // chunks pending so a retry covers them.
+                let mut dirty = lock(&self.dirty);
+                for (p, c) in &pending {
+                    dirty.entry(*p).or_default().extend(c.iter().copied());
+                }
+                return Err(me);
+            }
+        }
+        for (_, chunks, e) in &failed {
+            if let Some(i) = chunks.iter().find(|i| !durable.contains_key(i)) {
+                return Err(Error::Unavailable(format!(
+                    "chunk {}/{i} has no durable copy: {e}",
+                    volume.0
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decode a degraded record (for status and repair).
+pub fn decode_degraded(key: &[u8], value: &[u8]) -> Result<DegradedRecord> {
+    decode(key, value)
+}
