@@ -170,10 +170,112 @@ pub async fn dead_peer_is_unavailable(t: &dyn PeerTransport, addr: &dyn Fn(usize
     }
 }
 
+/// Answers every request with the error kind chosen by the read's chunk index.
+struct Failing;
+
+/// One error of every kind, in the order `Failing` returns them.
+fn every_error() -> Vec<Error> {
+    vec![
+        Error::NotFound("chunk 7/1".into()),
+        Error::AlreadyExists("volume v".into()),
+        Error::NoSpace("pool full".into()),
+        Error::InvalidArgument("offset past the end".into()),
+        Error::Fenced("epoch 3 < 4".into()),
+        Error::Locked("held by peer a".into()),
+        Error::LeaseNotFound(0x1234_5678),
+        Error::ReadOnly("volume v".into()),
+        Error::Unavailable("disk gone".into()),
+        Error::Timeout("fsync".into()),
+        Error::Corrupt("crc mismatch in block 3".into()),
+        Error::Unsupported("trim".into()),
+        Error::Closed("store shut down".into()),
+        Error::io(
+            "writing /data/chunk",
+            std::io::Error::other("input/output error"),
+        ),
+        Error::Other("ünïcode message ✓".into()),
+    ]
+}
+
+#[async_trait]
+impl PeerHandler for Failing {
+    async fn handle(&self, request: PeerRequest) -> Result<PeerResponse> {
+        match request {
+            PeerRequest::Read { chunk, .. } => Err(every_error()
+                .into_iter()
+                .nth(chunk.index as usize)
+                .unwrap_or_else(|| Error::Other("no such error".into()))),
+            _ => Ok(PeerResponse::Done),
+        }
+    }
+}
+
+/// Every error kind a handler returns arrives as the same kind with the same
+/// message (an `Io` error keeps its context and its message).
+pub async fn every_error_kind_survives(t: &dyn PeerTransport, addr: &dyn Fn(usize) -> String) {
+    let l = t.listen(&addr(4), Arc::new(Failing)).await.expect("listen");
+    let at = l.local_addr();
+    for (i, want) in every_error().into_iter().enumerate() {
+        let got = t
+            .call(
+                &at,
+                PeerRequest::Read {
+                    chunk: chunk(i as u64),
+                    offset: 0,
+                    len: 1,
+                },
+            )
+            .await
+            .expect_err("handler error must come back");
+        assert_eq!(
+            got.kind_name(),
+            want.kind_name(),
+            "error kind changed: sent {want:?}, got {got:?}"
+        );
+        assert_eq!(
+            got.to_string(),
+            want.to_string(),
+            "error message changed: sent {want:?}, got {got:?}"
+        );
+    }
+}
+
+/// A multi-megabyte payload travels intact both ways, next to small calls.
+pub async fn large_payload_round_trip(t: &dyn PeerTransport, addr: &dyn Fn(usize) -> String) {
+    let l = t.listen(&addr(5), echo()).await.expect("listen");
+    let at = l.local_addr();
+    let data = Bytes::from(
+        (0..8 * 1024 * 1024u32)
+            .map(|i| (i % 253) as u8)
+            .collect::<Vec<_>>(),
+    );
+    let big = t.call(
+        &at,
+        PeerRequest::Write {
+            chunk: chunk(0),
+            offset: 0,
+            data: data.clone(),
+            epoch: Epoch(1),
+        },
+    );
+    let small = t.call(&at, PeerRequest::Ping);
+    let (big, small) = futures::join!(big, small);
+    assert_eq!(small.expect("ping"), PeerResponse::Pong);
+    match big.expect("large write") {
+        PeerResponse::Data(got) => {
+            assert_eq!(got.len(), data.len(), "payload length changed");
+            assert!(got == data, "payload bytes changed");
+        }
+        other => panic!("expected Data, got {other:?}"),
+    }
+}
+
 /// Run every function of the suite.
 pub async fn all(t: &dyn PeerTransport, addr: &dyn Fn(usize) -> String) {
     round_trip(t, addr).await;
     errors_keep_their_kind(t, addr).await;
     many_in_flight(t, addr).await;
     dead_peer_is_unavailable(t, addr).await;
+    every_error_kind_survives(t, addr).await;
+    large_payload_round_trip(t, addr).await;
 }

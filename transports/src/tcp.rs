@@ -1,0 +1,906 @@
+//! TCP transport: the peer protocol of [`crate::wire`] over TCP connections.
+//!
+//! **Client side.** [`TcpTransport`] keeps a small pool of multiplexed
+//! connections per remote address (one by default). Each call takes a fresh
+//! request id, registers a waiter under it, and hands its encoded frame to the
+//! connection's single writer task; the connection's reader task routes each
+//! reply to its waiter by id, so many calls are in flight at once and replies
+//! may come back in any order. When a connection breaks, every call waiting on
+//! it fails at once with `Unavailable`, and the next call connects anew.
+//!
+//! **Server side.** [`TcpTransport::listen`] accepts connections; each one
+//! runs its requests concurrently (at most `max_in_flight`; when that many are
+//! running the connection is simply not read, which pushes back on the sender
+//! through TCP) and writes replies through one writer task, in completion
+//! order. Bytes that are not the protocol (bad magic, wrong version, a frame
+//! over the limit, a truncated frame, an unknown kind) close that connection,
+//! with a warning naming the peer and the reason; other connections carry on.
+//! Dropping the listener stops accepting and closes its connections.
+//!
+//! The connection code is generic over `AsyncRead`/`AsyncWrite` halves, so a
+//! TLS stream can carry the same framing later without changes here.
+
+use crate::wire::{
+    self, Encoded, Frame, FrameDecoder, Handshake, Hello, Message, Version, WireError,
+};
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{timeout, Instant};
+use torus_traits::{
+    Error, PeerHandler, PeerId, PeerListener, PeerRequest, PeerResponse, PeerTransport, Result,
+};
+use tracing::{debug, warn};
+
+/// Settings of a [`TcpTransport`], for both its client and server sides.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long to wait for a TCP connection to a peer to open.
+    pub connect_timeout: Duration,
+    /// How long either side waits for the other's handshake.
+    pub handshake_timeout: Duration,
+    /// How long a call waits for its reply once a connection is open.
+    pub request_timeout: Duration,
+    /// Largest frame (length-prefix value) this side accepts; also announced to
+    /// peers so they never send more. At least [`wire::MIN_MAX_FRAME`].
+    pub max_frame: u32,
+    /// Requests of one incoming connection handled at once; also the depth of
+    /// each connection's write queue.
+    pub max_in_flight: usize,
+    /// Connections kept to each remote address; calls are spread over them.
+    pub connections_per_peer: usize,
+    /// This node's cluster name; a peer announcing a different one is refused.
+    pub cluster: Option<String>,
+    /// This node's peer id, announced in the handshake.
+    pub peer_id: Option<PeerId>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_frame: wire::DEFAULT_MAX_FRAME,
+            max_in_flight: 256,
+            connections_per_peer: 1,
+            cluster: None,
+            peer_id: None,
+        }
+    }
+}
+
+impl TcpOptions {
+    /// The options with out-of-range values brought into range.
+    fn normalized(mut self) -> Self {
+        self.max_frame = self.max_frame.max(wire::MIN_MAX_FRAME);
+        self.max_in_flight = self.max_in_flight.max(1);
+        self.connections_per_peer = self.connections_per_peer.max(1);
+        self
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            version: Version::CURRENT,
+            max_frame: self.max_frame,
+            cluster: self.cluster.clone(),
+            peer: self.peer_id,
+        }
+    }
+}
+
+/// Bytes buffered before a socket write; larger payloads bypass the buffer.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// Room reserved in a read buffer before each read.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long a partly filled pool keeps using its open connections after a
+/// failed attempt to add one, before trying again.
+const POOL_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A [`PeerTransport`] over TCP. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct TcpTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: Arc<TcpOptions>,
+    peers: Mutex<HashMap<String, Arc<PeerSlot>>>,
+}
+
+/// The connections to one remote address.
+#[derive(Default)]
+struct PeerSlot {
+    conns: Mutex<Vec<Arc<ClientConn>>>,
+    next: AtomicUsize,
+    /// Held while connecting, so concurrent callers share one attempt. Holds
+    /// the last failed attempt, which callers that waited for it return.
+    connecting: tokio::sync::Mutex<Option<(Instant, Error)>>,
+}
+
+impl PeerSlot {
+    /// A healthy connection, when the pool is full.
+    fn pick(&self, want: usize) -> Option<Arc<ClientConn>> {
+        let mut conns = lock(&self.conns);
+        conns.retain(|c| !c.is_closed());
+        if conns.len() < want {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
+        Some(conns[i].clone())
+    }
+
+    fn any(&self) -> Option<Arc<ClientConn>> {
+        let mut conns = lock(&self.conns);
+        conns.retain(|c| !c.is_closed());
+        let n = conns.len();
+        (n > 0).then(|| conns[self.next.fetch_add(1, Ordering::Relaxed) % n].clone())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TcpTransport {
+    pub fn new(opts: TcpOptions) -> Self {
+        TcpTransport {
+            inner: Arc::new(Inner {
+                opts: Arc::new(opts.normalized()),
+                peers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn options(&self) -> &TcpOptions {
+        &self.inner.opts
+    }
+
+    /// Like [`PeerTransport::listen`], returning the concrete listener.
+    pub async fn bind(&self, addr: &str, handler: Arc<dyn PeerHandler>) -> Result<TcpPeerListener> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                Error::AlreadyExists(format!("address {addr} is in use"))
+            } else {
+                Error::io(format!("binding peer listener to {addr}"), e)
+            }
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io(format!("reading the address bound for {addr}"), e))?;
+        let stats = Arc::new(ListenerStats::default());
+        let task = tokio::spawn(accept_loop(
+            listener,
+            handler,
+            self.inner.opts.clone(),
+            stats.clone(),
+        ));
+        debug!(%local, "peer listener started");
+        Ok(TcpPeerListener { local, task, stats })
+    }
+
+    /// A connection to `addr`: an open one from the pool, or a new one.
+    async fn connection(&self, addr: &str) -> Result<Arc<ClientConn>> {
+        let opts = &self.inner.opts;
+        let slot = lock(&self.inner.peers)
+            .entry(addr.to_string())
+            .or_default()
+            .clone();
+        if let Some(c) = slot.pick(opts.connections_per_peer) {
+            return Ok(c);
+        }
+        let asked = Instant::now();
+        let mut last_failure = slot.connecting.lock().await;
+        // Someone may have connected while we waited.
+        if let Some(c) = slot.pick(opts.connections_per_peer) {
+            return Ok(c);
+        }
+        // An attempt that failed while we waited answers for us too, so that many
+        // callers to a dead peer do not each wait out a connect timeout in turn.
+        if let Some((at, e)) = &*last_failure {
+            if *at >= asked {
+                return slot.any().ok_or_else(|| e.clone());
+            }
+            // A partly filled pool retries a failed connect only now and then.
+            if at.elapsed() < POOL_RETRY_BACKOFF {
+                if let Some(c) = slot.any() {
+                    return Ok(c);
+                }
+            }
+        }
+        match connect(addr, opts).await {
+            Ok(conn) => {
+                *last_failure = None;
+                let conn = Arc::new(conn);
+                lock(&slot.conns).push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                *last_failure = Some((Instant::now(), e.clone()));
+                // With a partly filled pool, an existing connection still serves.
+                slot.any().ok_or(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl PeerTransport for TcpTransport {
+    async fn listen(
+        &self,
+        addr: &str,
+        handler: Arc<dyn PeerHandler>,
+    ) -> Result<Box<dyn PeerListener>> {
+        Ok(Box::new(self.bind(addr, handler).await?))
+    }
+
+    async fn call(&self, addr: &str, request: PeerRequest) -> Result<PeerResponse> {
+        let conn = self.connection(addr).await?;
+        let limit = self.inner.opts.request_timeout;
+        match timeout(limit, conn.call(request)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(format!(
+                "no reply from peer {addr} within {limit:?}"
+            ))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared connection plumbing
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("protocol error: {0}")]
+    Protocol(#[from] WireError),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed in the middle of a frame ({0} bytes received)")]
+    TruncatedAtEof(usize),
+    #[error("connection closed during the handshake")]
+    EofInHandshake,
+    #[error("no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected {0}")]
+    Unexpected(&'static str),
+}
+
+/// Reads frames off one connection, keeping partial frames between reads.
+/// `next` is cancel-safe: everything read is kept in `buf`.
+struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    fn new(io: R, buf: BytesMut, max_frame: u32) -> Self {
+        FrameReader {
+            io,
+            buf,
+            decoder: FrameDecoder::new(max_frame),
+        }
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    async fn next(&mut self) -> Result<Option<Frame>, ConnError> {
+        loop {
+            if let Some(frame) = self.decoder.decode(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::TruncatedAtEof(self.buf.len()))
+                };
+            }
+        }
+    }
+}
+
+/// Reads one handshake message; bytes after it stay in `buf`.
+async fn read_handshake<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Handshake, ConnError> {
+    loop {
+        if let Some((h, used)) = wire::decode_handshake(buf)? {
+            buf.advance(used);
+            return Ok(h);
+        }
+        buf.reserve(1024);
+        if io.read_buf(buf).await? == 0 {
+            return Err(ConnError::EofInHandshake);
+        }
+    }
+}
+
+/// The one writer of a connection: writes queued frames, head then payload,
+/// and flushes when the queue runs dry, so replies that finish together share
+/// a segment. Payloads of `WRITE_BUFFER` bytes or more go straight to the
+/// socket without being copied into the buffer.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    io: W,
+    mut queue: mpsc::Receiver<Encoded>,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, io);
+    while let Some(frame) = queue.recv().await {
+        write_frame(&mut out, &frame).await?;
+        while let Ok(frame) = queue.try_recv() {
+            write_frame(&mut out, &frame).await?;
+        }
+        out.flush().await?;
+    }
+    out.shutdown().await
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    out: &mut BufWriter<W>,
+    frame: &Encoded,
+) -> io::Result<()> {
+    out.write_all(frame.head()).await?;
+    if !frame.payload().is_empty() {
+        out.write_all(frame.payload()).await?;
+    }
+    Ok(())
+}
+
+/// Aborts a task when dropped, so a connection's tasks die with it.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client side
+
+/// One multiplexed client connection.
+struct ClientConn {
+    addr: String,
+    queue: mpsc::Sender<Encoded>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    peer_max_frame: u32,
+    _reader: AbortOnDrop<()>,
+    _writer: AbortOnDrop<()>,
+}
+
+/// Calls waiting for replies on one connection.
+#[derive(Default)]
+struct Pending {
+    state: Mutex<PendingState>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    waiters: HashMap<u64, oneshot::Sender<Result<PeerResponse>>>,
+    /// Set once the connection is broken: the error every later call gets.
+    closed: Option<Error>,
+}
+
+impl Pending {
+    fn register(&self, id: u64, tx: oneshot::Sender<Result<PeerResponse>>) -> Result<()> {
+        let mut st = lock(&self.state);
+        if let Some(e) = &st.closed {
+            return Err(e.clone());
+        }
+        st.waiters.insert(id, tx);
+        Ok(())
+    }
+
+    fn complete(&self, id: u64, result: Result<PeerResponse>) {
+        let waiter = lock(&self.state).waiters.remove(&id);
+        match waiter {
+            // The caller may have given up meanwhile; nothing to do then.
+            Some(tx) => drop(tx.send(result)),
+            None => debug!(id, "reply for a call that is no longer waiting"),
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        lock(&self.state).waiters.remove(&id);
+    }
+
+    /// Marks the connection broken and fails every waiting call with `e`.
+    fn fail_all(&self, e: Error) {
+        let waiters = {
+            let mut st = lock(&self.state);
+            if st.closed.is_none() {
+                st.closed = Some(e.clone());
+            }
+            std::mem::take(&mut st.waiters)
+        };
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(e.clone()));
+        }
+    }
+
+    fn closed(&self) -> Option<Error> {
+        lock(&self.state).closed.clone()
+    }
+}
+
+/// Removes a call's waiter if the call is dropped (timeout, caller gone)
+/// before its reply comes.
+struct Forget<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.pending.forget(self.id);
+    }
+}
+
+impl ClientConn {
+    fn is_closed(&self) -> bool {
+        self.pending.closed().is_some()
+    }
+
+    async fn call(&self, request: PeerRequest) -> Result<PeerResponse> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = wire::encode_request(id, &request, self.peer_max_frame).map_err(|e| {
+            Error::InvalidArgument(format!("request to peer {} cannot be sent: {e}", self.addr))
+        })?;
+        let (tx, rx) = oneshot::channel();
+        self.pending.register(id, tx)?;
+        let _forget = Forget {
+            pending: &self.pending,
+            id,
+        };
+        if self.queue.send(frame).await.is_err() {
+            return Err(self.broken());
+        }
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(self.broken()),
+        }
+    }
+
+    fn broken(&self) -> Error {
+        self.pending.closed().unwrap_or_else(|| {
+            Error::Unavailable(format!("connection to peer {} is closed", self.addr))
+        })
+    }
+}
+
+/// Opens a TCP connection to `addr` and runs the client handshake on it.
+async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
+    let stream = match timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(Error::Unavailable(format!(
+                "cannot connect to peer at {addr}: {e}"
+            )))
+        }
+        Err(_) => {
+            return Err(Error::Unavailable(format!(
+                "connecting to peer at {addr} timed out after {:?}",
+                opts.connect_timeout
+            )))
+        }
+    };
+    // Requests are small and latency-bound; do not let Nagle hold them back.
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(addr, error = %e, "cannot set TCP_NODELAY");
+    }
+    let (r, w) = stream.into_split();
+    start_client(r, w, addr, opts).await
+}
+
+/// Runs the client handshake over any stream halves, then starts the
+/// connection's reader and writer tasks.
+async fn start_client<R, W>(
+    mut r: R,
+    mut w: W,
+    addr: &str,
+    opts: &Arc<TcpOptions>,
+) -> Result<ClientConn>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let hello = wire::encode_handshake(&Handshake::Hello(opts.hello()))
+        .map_err(|e| Error::InvalidArgument(format!("cannot encode handshake: {e}")))?;
+    let mut buf = BytesMut::new();
+    let reply = timeout(opts.handshake_timeout, async {
+        w.write_all(&hello).await?;
+        w.flush().await?;
+        read_handshake(&mut r, &mut buf).await
+    })
+    .await
+    .map_err(|_| ConnError::HandshakeTimeout(opts.handshake_timeout))
+    .and_then(|r| r);
+    let peer = match reply {
+        Ok(Handshake::Accept(peer)) => peer,
+        Ok(Handshake::Refuse { version, reason }) if !Version::CURRENT.is_compatible(version) => {
+            return Err(Error::Unsupported(format!(
+                "peer at {addr} speaks protocol {version}, this node {}: {reason}",
+                Version::CURRENT
+            )))
+        }
+        Ok(Handshake::Refuse { reason, .. }) => {
+            return Err(Error::Unavailable(format!(
+                "peer at {addr} refused the connection: {reason}"
+            )))
+        }
+        Ok(Handshake::Hello(_)) => {
+            return Err(Error::Unavailable(format!(
+                "peer at {addr} answered the handshake with a hello"
+            )))
+        }
+        Err(ConnError::Protocol(e @ WireError::IncompatibleVersion { .. })) => {
+            return Err(Error::Unsupported(format!("peer at {addr}: {e}")))
+        }
+        Err(e) => {
+            return Err(Error::Unavailable(format!(
+                "handshake with peer at {addr} failed: {e}"
+            )))
+        }
+    };
+    if let Err(reason) = check_peer(opts, &peer) {
+        return Err(Error::Unavailable(format!("peer at {addr}: {reason}")));
+    }
+
+    let pending = Arc::new(Pending::default());
+    let (queue, rx) = mpsc::channel(opts.max_in_flight);
+    let reader = tokio::spawn(client_reader(
+        FrameReader::new(r, buf, opts.max_frame),
+        pending.clone(),
+        addr.to_string(),
+    ));
+    let writer = {
+        let pending = pending.clone();
+        let addr = addr.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = write_frames(w, rx).await {
+                pending.fail_all(Error::Unavailable(format!(
+                    "connection to peer {addr} lost: write failed: {e}"
+                )));
+            }
+        })
+    };
+    debug!(addr, "connected to peer");
+    Ok(ClientConn {
+        addr: addr.to_string(),
+        queue,
+        pending,
+        next_id: AtomicU64::new(1),
+        peer_max_frame: peer.max_frame,
+        _reader: AbortOnDrop(reader),
+        _writer: AbortOnDrop(writer),
+    })
+}
+
+/// Whether a peer's handshake is acceptable to us.
+fn check_peer(opts: &TcpOptions, peer: &Hello) -> Result<(), String> {
+    if let (Some(ours), Some(theirs)) = (&opts.cluster, &peer.cluster) {
+        if ours != theirs {
+            return Err(format!(
+                "cluster mismatch: this node is in {ours:?}, the peer in {theirs:?}"
+            ));
+        }
+    }
+    if peer.max_frame < wire::MIN_MAX_FRAME {
+        return Err(format!(
+            "announced frame limit {} is below the minimum {}",
+            peer.max_frame,
+            wire::MIN_MAX_FRAME
+        ));
+    }
+    Ok(())
+}
+
+/// Routes replies to waiting calls until the connection ends, then fails the rest.
+async fn client_reader<R: AsyncRead + Unpin>(
+    mut frames: FrameReader<R>,
+    pending: Arc<Pending>,
+    addr: String,
+) {
+    let reason = loop {
+        match frames.next().await {
+            Ok(Some(Frame {
+                id,
+                message: Message::Response(result),
+            })) => pending.complete(id, result),
+            Ok(Some(Frame {
+                message: Message::Request(_),
+                ..
+            })) => {
+                let reason = "peer sent a request on a client connection".to_string();
+                warn!(peer = %addr, %reason, "closing peer connection");
+                break reason;
+            }
+            Ok(None) => break "closed by the peer".to_string(),
+            Err(e) => {
+                if matches!(e, ConnError::Protocol(_)) {
+                    warn!(peer = %addr, reason = %e, "closing peer connection");
+                }
+                break e.to_string();
+            }
+        }
+    };
+    debug!(peer = %addr, %reason, "client connection ended");
+    pending.fail_all(Error::Unavailable(format!(
+        "connection to peer {addr} lost: {reason}"
+    )));
+}
+
+// ---------------------------------------------------------------------------
+// Server side
+
+/// A listening TCP peer. Dropping it stops accepting and closes its connections.
+pub struct TcpPeerListener {
+    local: SocketAddr,
+    task: JoinHandle<()>,
+    stats: Arc<ListenerStats>,
+}
+
+#[derive(Default)]
+struct ListenerStats {
+    accepted: AtomicU64,
+    open: AtomicUsize,
+}
+
+impl TcpPeerListener {
+    /// The bound socket address.
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Connections accepted since the listener started.
+    pub fn connections_accepted(&self) -> u64 {
+        self.stats.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.stats.open.load(Ordering::Relaxed)
+    }
+}
+
+impl PeerListener for TcpPeerListener {
+    fn local_addr(&self) -> String {
+        self.local.to_string()
+    }
+}
+
+impl Drop for TcpPeerListener {
+    fn drop(&mut self) {
+        // The accept task owns the socket and every connection task (a JoinSet),
+        // so aborting it closes them all.
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    handler: Arc<dyn PeerHandler>,
+    opts: Arc<TcpOptions>,
+    stats: Arc<ListenerStats>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+                    }
+                    let (r, w) = stream.into_split();
+                    conns.spawn(serve_connection(
+                        r,
+                        w,
+                        peer.to_string(),
+                        handler.clone(),
+                        opts.clone(),
+                        stats.clone(),
+                    ));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accepting a peer connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives (aborts included).
+struct OpenGuard(Arc<ListenerStats>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one incoming connection over any stream halves and logs how it ended.
+async fn serve_connection<R, W>(
+    r: R,
+    w: W,
+    peer: String,
+    handler: Arc<dyn PeerHandler>,
+    opts: Arc<TcpOptions>,
+    stats: Arc<ListenerStats>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(stats);
+    match serve(r, w, &peer, handler, &opts).await {
+        Ok(()) => debug!(%peer, "peer connection closed"),
+        Err(reason) => warn!(%peer, %reason, "closing peer connection"),
+    }
+}
+
+async fn serve<R, W>(
+    mut r: R,
+    mut w: W,
+    peer: &str,
+    handler: Arc<dyn PeerHandler>,
+    opts: &TcpOptions,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // Handshake.
+    let mut buf = BytesMut::new();
+    let hello = match timeout(opts.handshake_timeout, read_handshake(&mut r, &mut buf)).await {
+        Err(_) => return Err(ConnError::HandshakeTimeout(opts.handshake_timeout)),
+        Ok(Ok(Handshake::Hello(hello))) => hello,
+        Ok(Ok(_)) => {
+            return Err(ConnError::Unexpected(
+                "handshake message instead of a hello",
+            ))
+        }
+        Ok(Err(ConnError::Protocol(e @ WireError::IncompatibleVersion { .. }))) => {
+            // Tell the peer why before closing, so its operator sees a clear error.
+            refuse(&mut w, opts, e.to_string()).await;
+            return Err(e.into());
+        }
+        Ok(Err(e)) => return Err(e),
+    };
+    if let Err(reason) = check_peer(opts, &hello) {
+        refuse(&mut w, opts, reason.clone()).await;
+        return Err(ConnError::Refused(reason));
+    }
+    let accept = wire::encode_handshake(&Handshake::Accept(opts.hello()))?;
+    timeout(opts.handshake_timeout, async {
+        w.write_all(&accept).await?;
+        w.flush().await
+    })
+    .await
+    .map_err(|_| ConnError::HandshakeTimeout(opts.handshake_timeout))??;
+    debug!(%peer, cluster = ?hello.cluster, peer_id = ?hello.peer, "peer connection accepted");
+
+    // Requests.
+    let peer_max = hello.max_frame;
+    let (replies, rx) = mpsc::channel(opts.max_in_flight);
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(w, rx)));
+    let slots = Arc::new(Semaphore::new(opts.max_in_flight));
+    // Dropping the set (the connection ends or the listener is dropped) aborts
+    // the handlers still running.
+    let mut tasks = JoinSet::new();
+    let mut frames = FrameReader::new(r, buf, opts.max_frame);
+    loop {
+        let next = async {
+            // Back-pressure: no slot, no read.
+            let slot = slots.clone().acquire_owned().await;
+            (slot, frames.next().await)
+        };
+        let (slot, frame) = tokio::select! {
+            next = next => next,
+            ended = &mut writer.0 => {
+                return match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(ConnError::Io(e)),
+                    Err(e) => Err(ConnError::Io(io::Error::other(e))),
+                };
+            }
+        };
+        let Ok(slot) = slot else {
+            // The semaphore is never closed; treat it as the end of the connection.
+            return Ok(());
+        };
+        match frame? {
+            Some(Frame {
+                id,
+                message: Message::Request(request),
+            }) => {
+                let handler = handler.clone();
+                let replies = replies.clone();
+                tasks.spawn(async move {
+                    let result = AssertUnwindSafe(handler.handle(request))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Error::Unavailable("peer handler panicked".to_string()))
+                        });
+                    if let Some(frame) = encode_reply(id, result, peer_max) {
+                        // The writer is gone only when the connection is closing.
+                        let _ = replies.send(frame).await;
+                    }
+                    drop(slot);
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+            Some(Frame {
+                message: Message::Response(_),
+                ..
+            }) => return Err(ConnError::Unexpected("reply frame from a client")),
+            None => break,
+        }
+    }
+    // The client closed its side: finish what is running, then flush the replies.
+    while tasks.join_next().await.is_some() {}
+    drop(replies);
+    match (&mut writer.0).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ConnError::Io(e)),
+        Err(e) => Err(ConnError::Io(io::Error::other(e))),
+    }
+}
+
+/// Encodes a reply; one too large for the peer becomes an error reply.
+fn encode_reply(id: u64, result: Result<PeerResponse>, peer_max: u32) -> Option<Encoded> {
+    match wire::encode_response(id, &result, peer_max) {
+        Ok(frame) => Some(frame),
+        Err(e) => {
+            let err = Error::InvalidArgument(format!("reply cannot be sent: {e}"));
+            match wire::encode_response(id, &Err(err), peer_max) {
+                Ok(frame) => Some(frame),
+                Err(e) => {
+                    // Cannot happen: check_peer guarantees room for any error reply.
+                    warn!(id, error = %e, "dropping a reply that cannot be encoded");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Sends a refusal and closes the write side; failures are moot, the
+/// connection is being closed anyway.
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, opts: &TcpOptions, reason: String) {
+    let msg = Handshake::Refuse {
+        version: Version::CURRENT,
+        reason,
+    };
+    if let Ok(bytes) = wire::encode_handshake(&msg) {
+        let _ = timeout(opts.handshake_timeout, async {
+            w.write_all(&bytes).await?;
+            w.shutdown().await
+        })
+        .await;
+    }
+}
