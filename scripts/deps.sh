@@ -7,7 +7,7 @@ set -euo pipefail
 
 want=(protobuf-compiler:protoc pkg-config:pkg-config)
 if [ "${1:-build}" = test ]; then
-  want+=(libnbd-bin:nbdinfo libnbd-bin:nbdcopy libnbd-bin:nbdfuse qemu-utils:qemu-img
+  want+=(openssl:openssl libnbd-bin:nbdinfo libnbd-bin:nbdcopy libnbd-bin:nbdfuse qemu-utils:qemu-img
          fio:fio nbdkit:nbdkit e2fsprogs:mkfs.ext4 fuse3:fusermount3 etcd-server:etcd
          util-linux:losetup)
 fi

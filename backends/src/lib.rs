@@ -1,6 +1,6 @@
 //! Implementations of the storage-side traits.
 //!
-//! - [`metadata`]: `MetadataStore` for memory and sled (etcd comes with the cluster work).
+//! - [`metadata`]: `MetadataStore` for memory, sled and etcd.
 //! - [`storage`]: `BlockStore` for memory, files and mmap.
 
 pub mod metadata;

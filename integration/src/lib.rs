@@ -4,6 +4,7 @@
 //! Tests never pass by skipping: a missing program is a failure whose message
 //! says what to install (`scripts/deps.sh test` installs everything).
 
+pub mod etcd;
 pub mod nbd;
 
 use std::io::{BufRead, BufReader};
@@ -33,6 +34,16 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Run `torusctl --etcd ENDPOINT ARGS` that must succeed; returns stdout.
+pub fn ctl_etcd(etcd: &str, args: &[&str]) -> String {
+    run_ok(
+        Command::new(bin("torusctl"))
+            .args(["--etcd", etcd])
+            .args(args),
+        Duration::from_secs(30),
+    )
 }
 
 /// Fail with an install hint when an external program is missing.
@@ -103,24 +114,54 @@ pub struct Torusd {
     pub data_dir: PathBuf,
     pub nbd: SocketAddr,
     pub admin: String,
+    /// Peer address (`IP:PORT`) when the node listens for peers.
+    pub peer: Option<String>,
+    /// The node's persistent UUID.
+    pub id: String,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     log: PathBuf,
 }
 
 impl Torusd {
     /// Start a node on `data_dir` with extra flags; waits until it serves.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Torusd {
+        Torusd::start_env(data_dir, extra, &[])
+    }
+
+    /// Start a node with extra flags and environment variables.
+    pub fn start_env(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Torusd {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut t = Torusd {
             child: None,
             data_dir: data_dir.to_path_buf(),
             nbd: "127.0.0.1:0".parse().expect("addr"),
             admin: String::new(),
+            peer: None,
+            id: String::new(),
             args,
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: data_dir.with_extension("log"),
         };
         t.spawn("127.0.0.1:0", "0");
         t
+    }
+
+    /// Start a cluster node on etcd at `etcd` (`HOST:PORT`), listening for
+    /// peers on a free loopback port, with a short lease so failures show fast.
+    pub fn start_cluster(data_dir: &Path, etcd: &str, extra: &[&str]) -> Torusd {
+        let mut args = vec![
+            "--etcd",
+            etcd,
+            "--peer-address",
+            "127.0.0.1:0",
+            "--auto-join",
+        ];
+        args.extend_from_slice(extra);
+        Torusd::start_env(data_dir, &args, &[("TORUS_NODE__LEASE_TTL", "3s")])
     }
 
     fn spawn(&mut self, nbd: &str, port: &str) {
@@ -136,6 +177,7 @@ impl Torusd {
             .args(["--nbd-listen", nbd, "--host", "127.0.0.1", "--port", port])
             .args(&self.args)
             .env_remove("TORUS_LOG")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -167,6 +209,10 @@ impl Torusd {
                 self.nbd = a.parse().expect("nbd addr in ready line");
             } else if let Some(a) = word.strip_prefix("admin=") {
                 self.admin = a.to_string();
+            } else if let Some(a) = word.strip_prefix("peer=") {
+                self.peer = (a != "off").then(|| a.to_string());
+            } else if let Some(a) = word.strip_prefix("id=") {
+                self.id = a.to_string();
             }
         }
         self.child = Some(child);
@@ -239,6 +285,11 @@ impl Torusd {
         assert!(self.child.is_none(), "stop or kill first");
         let nbd = self.nbd.to_string();
         let port = self.admin.rsplit(':').next().unwrap_or("0").to_string();
+        if let Some(peer) = &self.peer {
+            // Come back on the same peer address, as a rebooted host would.
+            self.args
+                .extend(["--peer-address".to_string(), peer.clone()]);
+        }
         // The old ports may linger briefly in TIME_WAIT; retry for a while.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

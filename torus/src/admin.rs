@@ -6,7 +6,8 @@
 //! client turns them back into the same [`Error`] kind.
 //!
 //! Routes: `GET /healthz`, `GET /v1/cluster`, `POST /v1/init`,
-//! `GET|POST /v1/volumes`, `DELETE /v1/volumes/{name}`, `GET /v1/peers`.
+//! `GET|POST /v1/volumes`, `DELETE /v1/volumes/{name}`, `GET /v1/peers`,
+//! `GET /v1/ring`, `POST /v1/ring/{add,remove,replication}`.
 
 use crate::catalog::VolumeRecord;
 use crate::cluster::{ClusterRecord, InitParams};
@@ -22,7 +23,7 @@ use axum::{Json, Router};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use torus_traits::{Error, Result, Shutdown};
+use torus_traits::{Error, Result, Ring, Shutdown};
 
 #[derive(Clone)]
 struct AdminState {
@@ -34,6 +35,16 @@ struct AdminState {
 struct ErrorBody {
     kind: String,
     message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PeerNames {
+    peers: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Replication {
+    replication: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,6 +161,37 @@ async fn list_peers_h(State(s): State<AdminState>) -> ApiResult<Vec<PeerStatus>>
     s.control.list_peers().await.map(Json).map_err(ApiError)
 }
 
+async fn ring_h(State(s): State<AdminState>) -> ApiResult<Ring> {
+    s.control.ring().await.map(Json).map_err(ApiError)
+}
+
+async fn ring_add_h(State(s): State<AdminState>, Json(p): Json<PeerNames>) -> ApiResult<Ring> {
+    s.control
+        .add_peers(&p.peers)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
+async fn ring_remove_h(State(s): State<AdminState>, Json(p): Json<PeerNames>) -> ApiResult<Ring> {
+    s.control
+        .remove_peers(&p.peers)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
+async fn ring_replication_h(
+    State(s): State<AdminState>,
+    Json(r): Json<Replication>,
+) -> ApiResult<Ring> {
+    s.control
+        .set_replication(r.replication)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
 /// The admin router over `control` (and the local node, for fresh figures).
 pub fn router(control: Arc<dyn Control>, node: Option<Node>) -> Router {
     Router::new()
@@ -159,6 +201,10 @@ pub fn router(control: Arc<dyn Control>, node: Option<Node>) -> Router {
         .route("/v1/volumes", get(list_volumes_h).post(create_volume_h))
         .route("/v1/volumes/{name}", delete(delete_volume_h))
         .route("/v1/peers", get(list_peers_h))
+        .route("/v1/ring", get(ring_h))
+        .route("/v1/ring/add", post(ring_add_h))
+        .route("/v1/ring/remove", post(ring_remove_h))
+        .route("/v1/ring/replication", post(ring_replication_h))
         .with_state(AdminState { control, node })
 }
 
@@ -261,6 +307,28 @@ impl Control for AdminClient {
     }
     async fn list_peers(&self) -> Result<Vec<PeerStatus>> {
         self.call(self.http.get(self.url("/v1/peers"))).await
+    }
+    async fn ring(&self) -> Result<Ring> {
+        self.call(self.http.get(self.url("/v1/ring"))).await
+    }
+    async fn add_peers(&self, peers: &[String]) -> Result<Ring> {
+        let body = PeerNames {
+            peers: peers.to_vec(),
+        };
+        self.call(self.http.post(self.url("/v1/ring/add")).json(&body))
+            .await
+    }
+    async fn remove_peers(&self, peers: &[String]) -> Result<Ring> {
+        let body = PeerNames {
+            peers: peers.to_vec(),
+        };
+        self.call(self.http.post(self.url("/v1/ring/remove")).json(&body))
+            .await
+    }
+    async fn set_replication(&self, replication: u32) -> Result<Ring> {
+        let body = Replication { replication };
+        self.call(self.http.post(self.url("/v1/ring/replication")).json(&body))
+            .await
     }
 }
 

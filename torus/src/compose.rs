@@ -8,7 +8,7 @@
 
 use crate::admin;
 use crate::cluster::{self, ClusterRecord, InitParams};
-use crate::config::{Config, MetadataBackend, StorageBackend};
+use crate::config::{Config, MetadataBackend, StorageBackend, TransportKind};
 use crate::control::MetaControl;
 use crate::node::{Node, NodeOptions};
 use std::net::SocketAddr;
@@ -16,10 +16,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use torus_backends::metadata::{MemoryMetadata, SledMetadata};
+use torus_backends::metadata::{EtcdConfig, EtcdMetadata, EtcdTls, MemoryMetadata, SledMetadata};
 use torus_backends::storage::{FileBlockStore, MemoryBlockStore, MmapBlockStore};
 use torus_frontends::nbd::{NbdFrontend, NbdOptions};
-use torus_traits::{BlockStore, Error, Frontend, MetadataStore, PeerId, Result, VolumeProvider};
+use torus_traits::{
+    BlockStore, Error, Frontend, MetadataStore, PeerId, PeerTransport, Result, VolumeProvider,
+};
+use torus_transports::{TcpOptions, TcpTransport};
 
 /// A node with its services running.
 pub struct RunningNode {
@@ -74,6 +77,21 @@ pub async fn open_metadata(cfg: &Config) -> Result<Arc<dyn MetadataStore>> {
     Ok(match cfg.metadata.backend {
         MetadataBackend::Memory => Arc::new(MemoryMetadata::new()),
         MetadataBackend::Sled => Arc::new(SledMetadata::open(&cfg.data_dir.join("metadata"))?),
+        MetadataBackend::Etcd => {
+            let m = &cfg.metadata;
+            let tls = m.ca_file.clone().map(|ca_file| EtcdTls {
+                ca_file,
+                cert_file: m.cert_file.clone(),
+                key_file: m.key_file.clone(),
+            });
+            let ecfg = EtcdConfig {
+                endpoints: m.endpoints.clone(),
+                dial_timeout: m.dial_timeout,
+                request_timeout: m.request_timeout,
+                tls,
+            };
+            Arc::new(EtcdMetadata::connect(ecfg).await?)
+        }
     })
 }
 
@@ -85,7 +103,7 @@ pub async fn cluster_record(cfg: &Config, meta: &dyn MetadataStore) -> Result<Cl
         if let Some(c) = cluster::get(meta).await? {
             return Ok(c);
         }
-        if cfg.cluster.auto_init {
+        if cfg.auto_init() {
             let params = InitParams {
                 chunk_size: cfg.cluster.block_size.0,
                 replication: cfg.cluster.replication,
@@ -155,12 +173,20 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
         .address
         .clone()
         .unwrap_or_else(|| format!("nbd://{}", cfg.nbd.listen));
+    let (transport, peer_listen): (Option<Arc<dyn PeerTransport>>, Option<String>) =
+        match cfg.transport_kind() {
+            TransportKind::Tcp => (
+                Some(Arc::new(TcpTransport::new(TcpOptions::default()))),
+                Some(cfg.transport.listen.clone()),
+            ),
+            TransportKind::None => (None, None),
+        };
     let opts = NodeOptions {
         id,
         address,
-        transport: None,
-        peer_listen: None,
-        peer_advertise: None,
+        transport,
+        peer_listen,
+        peer_advertise: cfg.transport.advertise.clone(),
         lease_ttl: cfg.node.lease_ttl,
         auto_join: cfg.cluster.auto_join,
     };
@@ -187,7 +213,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
             }
         };
         nbd_bound = nbd.local_addr();
-        if let (None, Some(bound)) = (&cfg.node.address, nbd_bound) {
+        if let (None, None, Some(bound)) = (&cfg.node.address, node.peer_address(), nbd_bound) {
             node.set_address(format!("nbd://{bound}")).await?;
         }
         let rx = stop_rx.clone();

@@ -22,6 +22,18 @@ pub enum MetadataBackend {
     Sled,
     /// In memory; everything is lost on exit. For tests.
     Memory,
+    /// An etcd v3 cluster: the production, multi-node setup.
+    Etcd,
+}
+
+/// How peers talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Length-prefixed binary frames over TCP.
+    Tcp,
+    /// No peer port: the node holds every replica itself (single node).
+    None,
 }
 
 /// Which block store holds the node's pool.
@@ -40,6 +52,31 @@ pub enum StorageBackend {
 #[serde(deny_unknown_fields, default)]
 pub struct MetadataConfig {
     pub backend: MetadataBackend,
+    /// etcd endpoints (`HOST:PORT`), for `backend = "etcd"`.
+    pub endpoints: Vec<String>,
+    /// How long to wait for a connection to etcd.
+    #[serde(with = "humantime_serde_compat")]
+    pub dial_timeout: Duration,
+    /// How long one etcd request may take before it fails.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// CA certificate to verify etcd with (turns on TLS).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for etcd's client-certificate auth.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// `tcp` or `none`; unset means `tcp` with etcd and `none` otherwise
+    /// (an embedded node has no peers to talk to).
+    pub kind: Option<TransportKind>,
+    /// Address to listen on for peers.
+    pub listen: String,
+    /// Address other peers should dial, when it differs from `listen`.
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,9 +113,10 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// Initialise an empty cluster on start with the values below (the
-    /// embedded default; `--debug-init` in the original).
-    pub auto_init: bool,
+    /// Initialise an empty cluster on start with the values below
+    /// (`--debug-init` in the original). Unset means yes for the embedded
+    /// backends and no for etcd, where `torusctl init` does it.
+    pub auto_init: Option<bool>,
     /// Chunk size used when this node initialises the cluster.
     pub block_size: ByteSize,
     /// Default replication used when this node initialises the cluster.
@@ -107,6 +145,7 @@ pub struct Config {
     /// Log at debug level.
     pub debug: bool,
     pub metadata: MetadataConfig,
+    pub transport: TransportConfig,
     pub storage: StorageConfig,
     pub nbd: NbdConfig,
     pub admin: AdminConfig,
@@ -118,6 +157,22 @@ impl Default for MetadataConfig {
     fn default() -> Self {
         MetadataConfig {
             backend: MetadataBackend::Sled,
+            endpoints: vec!["127.0.0.1:2379".into()],
+            dial_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            kind: None,
+            listen: "127.0.0.1:40000".into(),
+            advertise: None,
         }
     }
 }
@@ -155,7 +210,7 @@ impl Default for AdminConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
-            auto_init: true,
+            auto_init: None,
             block_size: ByteSize(crate::cluster::DEFAULT_CHUNK_SIZE),
             replication: 1,
             auto_join: true,
@@ -178,6 +233,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./torus-data"),
             debug: false,
             metadata: MetadataConfig::default(),
+            transport: TransportConfig::default(),
             storage: StorageConfig::default(),
             nbd: NbdConfig::default(),
             admin: AdminConfig::default(),
@@ -185,6 +241,14 @@ impl Default for Config {
             node: NodeConfig::default(),
         }
     }
+}
+
+/// `http://10.0.0.1:40000` → `10.0.0.1:40000` (the original's flags took URLs).
+pub fn strip_scheme(addr: &str) -> &str {
+    addr.split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(addr)
+        .trim_end_matches('/')
 }
 
 /// Durations as human strings ("10s", "2m") or whole seconds.
@@ -223,6 +287,13 @@ pub struct Overrides {
     pub debug: bool,
     pub debug_init: bool,
     pub auto_join: bool,
+    /// `--etcd HOST:PORT[,HOST:PORT…]`: use etcd at these endpoints.
+    pub etcd: Option<String>,
+    /// `--peer-address`: listen for peers here (`http://` is accepted and dropped).
+    pub peer_address: Option<String>,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 /// A configuration error: one line naming the key and its source.
@@ -292,6 +363,31 @@ impl Config {
         if flags.auto_join {
             builder = set(builder, "cluster.auto_join", true.into())?;
         }
+        if let Some(e) = &flags.etcd {
+            let endpoints: Vec<config::Value> = e
+                .split(',')
+                .map(|s| strip_scheme(s.trim()).to_string().into())
+                .collect();
+            builder = set(builder, "metadata.backend", "etcd".into())?;
+            builder = set(builder, "metadata.endpoints", endpoints.into())?;
+        }
+        if let Some(p) = &flags.peer_address {
+            builder = set(
+                builder,
+                "transport.listen",
+                strip_scheme(p).to_string().into(),
+            )?;
+            builder = set(builder, "transport.kind", "tcp".into())?;
+        }
+        for (key, value) in [
+            ("metadata.ca_file", &flags.etcd_ca_file),
+            ("metadata.cert_file", &flags.etcd_cert_file),
+            ("metadata.key_file", &flags.etcd_key_file),
+        ] {
+            if let Some(v) = value {
+                builder = set(builder, key, v.display().to_string().into())?;
+            }
+        }
         let merged = builder
             .build()
             .map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -341,6 +437,27 @@ impl Config {
                 format!("{} must be between 1 and 4096", self.nbd.max_in_flight),
             );
         }
+        if self.metadata.backend == MetadataBackend::Etcd && self.metadata.endpoints.is_empty() {
+            return bad(
+                "metadata.endpoints",
+                "etcd needs at least one endpoint".into(),
+            );
+        }
+        if self.metadata.backend == MetadataBackend::Etcd
+            && self.metadata.ca_file.is_none()
+            && (self.metadata.cert_file.is_some() || self.metadata.key_file.is_some())
+        {
+            return bad(
+                "metadata.ca_file",
+                "a client certificate for etcd needs the CA file too".into(),
+            );
+        }
+        if self.metadata.cert_file.is_some() != self.metadata.key_file.is_some() {
+            return bad(
+                "metadata.cert_file",
+                "cert_file and key_file go together".into(),
+            );
+        }
         if self.node.lease_ttl < Duration::from_secs(1) {
             return bad("node.lease_ttl", "must be at least 1s".into());
         }
@@ -351,6 +468,21 @@ impl Config {
         .validate()
         .or_else(|e| bad("cluster", e.to_string()))?;
         Ok(())
+    }
+
+    /// Whether this node initialises an empty cluster itself.
+    pub fn auto_init(&self) -> bool {
+        self.cluster
+            .auto_init
+            .unwrap_or(self.metadata.backend != MetadataBackend::Etcd)
+    }
+
+    /// Whether this node listens for and talks to peers.
+    pub fn transport_kind(&self) -> TransportKind {
+        self.transport.kind.unwrap_or(match self.metadata.backend {
+            MetadataBackend::Etcd => TransportKind::Tcp,
+            _ => TransportKind::None,
+        })
     }
 
     /// The admin endpoint's socket address.

@@ -11,7 +11,7 @@ use crate::peers::{self, PeerStatus};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use torus_traits::{Error, MetadataStore, Result};
+use torus_traits::{Error, MetadataStore, PeerId, Result, Ring, RingMember};
 
 /// A volume as `volume list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,34 @@ pub trait Control: Send + Sync {
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>>;
     async fn delete_volume(&self, name: &str) -> Result<VolumeRecord>;
     async fn list_peers(&self) -> Result<Vec<PeerStatus>>;
+    async fn ring(&self) -> Result<Ring>;
+    /// Add peers, named by UUID or address, to the ring.
+    async fn add_peers(&self, peers: &[String]) -> Result<Ring>;
+    /// Take peers, named by UUID or address, out of the ring.
+    async fn remove_peers(&self, peers: &[String]) -> Result<Ring>;
+    async fn set_replication(&self, replication: u32) -> Result<Ring>;
+}
+
+/// Find the peers named by UUID or address among `known`.
+fn resolve(known: &[PeerStatus], names: &[String]) -> Result<Vec<PeerStatus>> {
+    names
+        .iter()
+        .map(|name| {
+            let plain = crate::config::strip_scheme(name);
+            known
+                .iter()
+                .find(|p| {
+                    p.info.id.to_string() == *name
+                        || crate::config::strip_scheme(&p.info.address) == plain
+                })
+                .cloned()
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no peer {name:?} is known (see `torusctl list-peers`)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// [`Control`] directly on a metadata store.
@@ -86,5 +114,32 @@ impl Control for MetaControl {
 
     async fn list_peers(&self) -> Result<Vec<PeerStatus>> {
         peers::list(&*self.meta).await
+    }
+
+    async fn ring(&self) -> Result<Ring> {
+        self.cluster().await?;
+        Ok(cluster::ring(&*self.meta).await?.0)
+    }
+
+    async fn add_peers(&self, names: &[String]) -> Result<Ring> {
+        let found = resolve(&self.list_peers().await?, names)?;
+        let members: Vec<RingMember> = found
+            .iter()
+            .map(|p| RingMember {
+                id: p.info.id,
+                weight: p.info.capacity.max(1),
+            })
+            .collect();
+        cluster::add_members(&*self.meta, &members).await
+    }
+
+    async fn remove_peers(&self, names: &[String]) -> Result<Ring> {
+        let found = resolve(&self.list_peers().await?, names)?;
+        let ids: Vec<PeerId> = found.iter().map(|p| p.info.id).collect();
+        cluster::remove_members(&*self.meta, &ids).await
+    }
+
+    async fn set_replication(&self, replication: u32) -> Result<Ring> {
+        cluster::set_replication(&*self.meta, replication).await
     }
 }

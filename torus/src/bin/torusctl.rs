@@ -1,7 +1,10 @@
 //! `torusctl`: operate a Torus cluster.
 //!
-//! Talks to a node's admin endpoint (`--server`, default the local node at
-//! http://127.0.0.1:4321). Errors are one line on stderr and exit status 1.
+//! Talks to etcd directly with `--etcd HOST:PORT` (or `-C`, or
+//! `TORUS_ETCD`), from any machine that reaches it; otherwise to a node's
+//! admin endpoint (`--server`, default the local node at
+//! http://127.0.0.1:4321). Both run the same operations. Errors are one line
+//! on stderr and exit status 1.
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,6 +24,18 @@ struct Args {
         global = true
     )]
     server: String,
+    /// Talk to etcd directly: HOST:PORT[,HOST:PORT…].
+    #[arg(long, short = 'C', env = "TORUS_ETCD", global = true)]
+    etcd: Option<String>,
+    /// CA certificate to verify etcd with.
+    #[arg(long, global = true, value_name = "FILE")]
+    etcd_ca_file: Option<std::path::PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, global = true, value_name = "FILE")]
+    etcd_cert_file: Option<std::path::PathBuf>,
+    /// Client key for etcd.
+    #[arg(long, global = true, value_name = "FILE")]
+    etcd_key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +62,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Change ring membership.
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
+    /// Show or change the ring.
+    Ring {
+        #[command(subcommand)]
+        command: RingCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PeerCommand {
+    /// Add peers (by address or UUID, as `list-peers` shows them) to the ring.
+    Add {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Take peers out of the ring.
+    Remove {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RingCommand {
+    /// Print the ring: version, replication, members and weights.
+    Get,
+    /// Set the replication new volumes get.
+    SetReplication { replication: u32 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,9 +140,55 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| e.to_string())
 }
 
+fn ring_text(ring: &torus_traits::Ring) -> String {
+    let rows: Vec<Vec<String>> = ring
+        .members
+        .iter()
+        .map(|m| vec![m.id.to_string(), ByteSize(m.weight).to_string()])
+        .collect();
+    format!(
+        "Ring version {}, replication {}\n{}",
+        ring.version,
+        ring.replication,
+        torus::cli::table(&["UUID", "WEIGHT"], &rows)
+    )
+}
+
+async fn control(args: &Args) -> Result<Box<dyn Control>, String> {
+    match &args.etcd {
+        Some(endpoints) => {
+            let tls = args
+                .etcd_ca_file
+                .clone()
+                .map(|ca_file| torus_backends::metadata::EtcdTls {
+                    ca_file,
+                    cert_file: args.etcd_cert_file.clone(),
+                    key_file: args.etcd_key_file.clone(),
+                });
+            let cfg = torus_backends::metadata::EtcdConfig {
+                endpoints: endpoints
+                    .split(',')
+                    .map(|e| torus::config::strip_scheme(e.trim()).to_string())
+                    .collect(),
+                tls,
+                ..Default::default()
+            };
+            let meta = torus_backends::metadata::EtcdMetadata::connect(cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(torus::control::MetaControl::new(
+                std::sync::Arc::new(meta),
+            )))
+        }
+        None => Ok(Box::new(
+            torus::admin::AdminClient::new(&args.server).map_err(|e| e.to_string())?,
+        )),
+    }
+}
+
 async fn run(args: Args) -> Result<String, String> {
-    let ctl = torus::admin::AdminClient::new(&args.server).map_err(|e| e.to_string())?;
-    let ctl: &dyn Control = &ctl;
+    let ctl = control(&args).await?;
+    let ctl: &dyn Control = &*ctl;
     let e = |e: torus_traits::Error| e.to_string();
     match args.command {
         Command::Init {
@@ -138,6 +231,22 @@ async fn run(args: Args) -> Result<String, String> {
                 Ok(format!("deleted volume {}\n", v.name))
             }
         },
+        Command::Peer { command } => {
+            let ring = match command {
+                PeerCommand::Add { peers } => ctl.add_peers(&peers).await.map_err(e)?,
+                PeerCommand::Remove { peers } => ctl.remove_peers(&peers).await.map_err(e)?,
+            };
+            Ok(ring_text(&ring))
+        }
+        Command::Ring { command } => {
+            let ring = match command {
+                RingCommand::Get => ctl.ring().await.map_err(e)?,
+                RingCommand::SetReplication { replication } => {
+                    ctl.set_replication(replication).await.map_err(e)?
+                }
+            };
+            Ok(ring_text(&ring))
+        }
         Command::ListPeers { json } => {
             let peers = ctl.list_peers().await.map_err(e)?;
             if json {

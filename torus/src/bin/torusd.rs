@@ -46,6 +46,21 @@ struct Args {
     /// Join the ring on start.
     #[arg(long)]
     auto_join: bool,
+    /// Use etcd for metadata: HOST:PORT[,HOST:PORT…] (a cluster node).
+    #[arg(long, value_name = "ENDPOINTS")]
+    etcd: Option<String>,
+    /// Listen for peers at this address, e.g. 10.0.0.5:40000 (http:// is accepted).
+    #[arg(long, value_name = "ADDR")]
+    peer_address: Option<String>,
+    /// CA certificate to verify etcd with.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, value_name = "FILE")]
+    etcd_cert_file: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long, value_name = "FILE")]
+    etcd_key_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +74,11 @@ fn main() -> ExitCode {
         debug: args.debug,
         debug_init: args.debug_init,
         auto_join: args.auto_join,
+        etcd: args.etcd,
+        peer_address: args.peer_address,
+        etcd_ca_file: args.etcd_ca_file,
+        etcd_cert_file: args.etcd_cert_file,
+        etcd_key_file: args.etcd_key_file,
     };
     let cfg = match Config::load(args.config.as_deref(), std::env::vars(), &flags) {
         Ok(c) => c,
@@ -103,12 +123,13 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // One line on stdout that scripts and tests can wait for.
     println!(
-        "torusd ready: nbd={} admin=http://{} id={}",
+        "torusd ready: nbd={} admin=http://{} peer={} id={}",
         running
             .nbd_addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "off".into()),
         running.admin_addr,
+        running.node.peer_address().unwrap_or_else(|| "off".into()),
         running.node.id()
     );
     let failed = {

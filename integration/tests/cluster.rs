@@ -1,0 +1,246 @@
+//! A real cluster: etcd plus three `torusd` processes on loopback, driven by
+//! `torusctl --etcd` and real NBD clients.
+
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use torus_integration::etcd::EtcdServer;
+use torus_integration::nbd::Client;
+use torus_integration::{checksum, ctl_etcd, pattern, require, run_ok, Torusd};
+
+const MIB: u64 = 1 << 20;
+
+fn peers_json(etcd: &str) -> Vec<serde_json::Value> {
+    let out = ctl_etcd(etcd, &["list-peers", "--json"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .expect("list-peers json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn start_three(dir: &tempfile::TempDir, etcd: &str) -> Vec<Torusd> {
+    ctl_etcd(
+        etcd,
+        &["init", "--replication", "3", "--block-size", "1MiB"],
+    );
+    let nodes: Vec<Torusd> = (0..3)
+        .map(|i| {
+            Torusd::start_cluster(
+                &dir.path().join(format!("n{i}")),
+                etcd,
+                &["--size", "512MiB"],
+            )
+        })
+        .collect();
+    wait_for("three OK peers", Duration::from_secs(20), || {
+        let p = peers_json(etcd);
+        p.len() == 3 && p.iter().all(|p| p["member"] == "OK")
+    });
+    nodes
+}
+
+#[test]
+fn replicated_volume_survives_a_killed_peer() {
+    require("nbdcopy");
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(&dir, &e);
+    let table = ctl_etcd(&e, &["list-peers"]);
+    assert_eq!(table.matches(" OK ").count(), 3, "{table}");
+    assert!(table.contains("Balanced: true"), "{table}");
+    ctl_etcd(&e, &["volume", "create-block", "r3", "64MiB"]);
+
+    // 64 MiB through node A's NBD server.
+    let src = dir.path().join("src.raw");
+    let data = pattern(42, 64 * MIB as usize);
+    std::fs::File::create(&src)
+        .unwrap()
+        .write_all(&data)
+        .unwrap();
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&src)
+            .arg(nodes[0].uri("r3")),
+        Duration::from_secs(180),
+    );
+    // Every node holds a full copy.
+    wait_for("a full copy on every node", Duration::from_secs(20), || {
+        let p = peers_json(&e);
+        p.len() == 3
+            && p.iter()
+                .all(|p| p["info"]["used"].as_u64() == Some(64 * MIB))
+    });
+
+    // Kill B; A still reads and writes.
+    nodes[1].kill9();
+    let out = dir.path().join("via-a.raw");
+    run_ok(
+        Command::new("nbdcopy").arg(nodes[0].uri("r3")).arg(&out),
+        Duration::from_secs(180),
+    );
+    assert_eq!(
+        checksum(&std::fs::read(&out).unwrap()),
+        checksum(&data),
+        "read through A after B died"
+    );
+    let mut expect = data.clone();
+    let patch = pattern(43, 3 * MIB as usize);
+    {
+        let mut c = Client::connect(nodes[0].nbd, "r3").expect("connect to A");
+        c.write(5 * MIB + 4096, &patch).expect("write with B dead");
+        c.flush().expect("flush with B dead");
+        c.disconnect().expect("disconnect");
+    }
+    expect[(5 * MIB + 4096) as usize..][..patch.len()].copy_from_slice(&patch);
+    wait_for("B shown DOWN", Duration::from_secs(20), || {
+        peers_json(&e)
+            .iter()
+            .any(|p| p["member"] == "DOWN" && p["info"]["id"] == nodes[1].id.as_str())
+    });
+    let table = ctl_etcd(&e, &["list-peers"]);
+    assert!(
+        table.contains("DOWN") && table.contains("Balanced: false"),
+        "{table}"
+    );
+
+    // A has released the volume (its client disconnected): read it through C.
+    let out = dir.path().join("via-c.raw");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = Command::new("nbdcopy")
+            .arg(nodes[2].uri("r3"))
+            .arg(&out)
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C could not open the volume: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        checksum(&std::fs::read(&out).unwrap()),
+        checksum(&expect),
+        "read through C differs"
+    );
+}
+
+#[test]
+fn a_second_writer_is_refused_until_the_holder_dies() {
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(&dir, &e);
+    ctl_etcd(&e, &["volume", "create-block", "f", "16MiB"]);
+    let mut a = Client::connect(nodes[0].nbd, "f").expect("A opens");
+    let flushed = pattern(5, 2 * MIB as usize);
+    a.write(MIB, &flushed).expect("write on A");
+    a.flush().expect("flush on A");
+    // B is refused, with a message naming the holder.
+    let err = Client::connect(nodes[1].nbd, "f")
+        .err()
+        .expect("B must be refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("locked") && msg.contains(&nodes[0].id),
+        "{msg}"
+    );
+    let list = ctl_etcd(&e, &["volume", "list", "--json"]);
+    assert!(
+        list.contains(nodes[0].peer.as_deref().unwrap_or("?")),
+        "{list}"
+    );
+
+    // A dies holding the lock; once its lease lapses B takes over and sees every flushed write.
+    nodes[0].kill9();
+    drop(a);
+    let start = Instant::now();
+    let mut b = loop {
+        match Client::connect(nodes[1].nbd, "f") {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                assert!(e.to_string().contains("locked"), "unexpected error: {e}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("B never took over: {e}"),
+        }
+    };
+    assert_eq!(
+        b.read(MIB, flushed.len() as u32).expect("read on B"),
+        flushed
+    );
+    b.write(0, b"B writes now").expect("write on B");
+    b.flush().expect("flush on B");
+}
+
+#[test]
+fn garbage_on_the_peer_port_leaves_the_node_serving() {
+    require("nbdcopy");
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_three(&dir, &e);
+    ctl_etcd(&e, &["volume", "create-block", "g", "8MiB"]);
+    for n in &nodes {
+        let peer = n.peer.clone().expect("peer address");
+        for junk in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            &pattern(9, 4096)[..],
+            &b"TRSP\x07\x00"[..],
+        ] {
+            let mut s = std::net::TcpStream::connect(&peer).expect("peer port");
+            let _ = s.write_all(junk);
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 256];
+            // The node answers at most a refusal, then closes.
+            loop {
+                match std::io::Read::read(&mut s, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) => panic!("peer port kept a garbage connection open: {e}"),
+                }
+            }
+        }
+    }
+    let src = dir.path().join("g.raw");
+    std::fs::File::create(&src)
+        .unwrap()
+        .write_all(&pattern(8, 8 * MIB as usize))
+        .unwrap();
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&src)
+            .arg(nodes[1].uri("g")),
+        Duration::from_secs(60),
+    );
+    let out = dir.path().join("g.out");
+    run_ok(
+        Command::new("nbdcopy").arg(nodes[2].uri("g")).arg(&out),
+        Duration::from_secs(60),
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    let logs: String = nodes.iter().map(|n| n.log_text()).collect();
+    assert!(
+        logs.contains("closing peer connection"),
+        "bad peer input must be logged with a reason"
+    );
+}
