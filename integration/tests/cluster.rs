@@ -244,3 +244,56 @@ fn garbage_on_the_peer_port_leaves_the_node_serving() {
         "bad peer input must be logged with a reason"
     );
 }
+
+#[test]
+fn ring_membership_is_explicit_without_auto_join() {
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    ctl_etcd(&e, &["init", "--replication", "2"]);
+    let a = Torusd::start_cluster(&dir.path().join("a"), &e, &["--size", "256MiB"]);
+    // Without --auto-join a node registers but holds no data until added.
+    let b = Torusd::start_env(
+        &dir.path().join("b"),
+        &[
+            "--etcd",
+            &e,
+            "--peer-address",
+            "127.0.0.1:0",
+            "--size",
+            "128MiB",
+        ],
+        &[("TORUS_NODE__LEASE_TTL", "3s")],
+    );
+    wait_for("B registered", Duration::from_secs(20), || {
+        peers_json(&e).len() == 2
+    });
+    let table = ctl_etcd(&e, &["list-peers"]);
+    assert!(table.contains("Avail"), "{table}");
+    let ring = ctl_etcd(&e, &["ring", "get"]);
+    assert!(
+        ring.contains("replication 2") && ring.contains(&a.id) && !ring.contains(&b.id),
+        "{ring}"
+    );
+    // Add by address (the original's form, with a scheme), remove by UUID.
+    let peer_b = format!("http://{}", b.peer.clone().expect("B's peer address"));
+    let ring = ctl_etcd(&e, &["peer", "add", &peer_b]);
+    assert!(ring.contains(&b.id) && ring.contains("128.0 MiB"), "{ring}");
+    wait_for("both OK", Duration::from_secs(10), || {
+        peers_json(&e).iter().all(|p| p["member"] == "OK")
+    });
+    let ring = ctl_etcd(&e, &["ring", "set-replication", "1"]);
+    assert!(ring.contains("replication 1"), "{ring}");
+    let ring = ctl_etcd(&e, &["peer", "remove", &b.id]);
+    assert!(!ring.contains(&b.id), "{ring}");
+    let out = std::process::Command::new(torus_integration::bin("torusctl"))
+        .args(["--etcd", &e, "peer", "add", "10.9.9.9:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no peer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -188,7 +188,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
         peer_listen,
         peer_advertise: cfg.transport.advertise.clone(),
         lease_ttl: cfg.node.lease_ttl,
-        auto_join: cfg.cluster.auto_join,
+        auto_join: cfg.auto_join(),
     };
     let node = Node::start(opts, meta.clone(), store, cluster).await?;
 

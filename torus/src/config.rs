@@ -121,8 +121,9 @@ pub struct ClusterConfig {
     pub block_size: ByteSize,
     /// Default replication used when this node initialises the cluster.
     pub replication: u32,
-    /// Join the ring on start.
-    pub auto_join: bool,
+    /// Join the ring on start. Unset means yes for the embedded backends
+    /// and no for etcd, where `torusctl peer add` (or `--auto-join`) does it.
+    pub auto_join: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,7 +214,7 @@ impl Default for ClusterConfig {
             auto_init: None,
             block_size: ByteSize(crate::cluster::DEFAULT_CHUNK_SIZE),
             replication: 1,
-            auto_join: true,
+            auto_join: None,
         }
     }
 }
@@ -474,6 +475,13 @@ impl Config {
     pub fn auto_init(&self) -> bool {
         self.cluster
             .auto_init
+            .unwrap_or(self.metadata.backend != MetadataBackend::Etcd)
+    }
+
+    /// Whether this node joins the ring on start.
+    pub fn auto_join(&self) -> bool {
+        self.cluster
+            .auto_join
             .unwrap_or(self.metadata.backend != MetadataBackend::Etcd)
     }
 
