@@ -157,7 +157,7 @@ impl Node {
             )));
         }
         let lease = meta.grant(opts.lease_ttl).await?;
-        let replica = Arc::new(Replica::new(store));
+        let replica = Arc::new(Replica::with_metadata(store, meta.clone()));
         let (ring, _) = cluster::ring(&*meta).await?;
         let link = ClusterLink {
             me: opts.id,
@@ -280,15 +280,16 @@ impl Node {
 
     /// Delete local chunks of volumes that are no longer in the catalog.
     pub async fn collect_garbage(&self) -> Result<()> {
+        // Chunks first, then the catalog: a volume created (and written here)
+        // between the two reads is then in the catalog, never mistaken for
+        // an orphan.
+        let chunks = self.store().list_chunks().await?;
         let live: std::collections::HashSet<_> = catalog::list(&*self.inner.meta)
             .await?
             .into_iter()
             .map(|v| v.id)
             .collect();
-        let mut orphans: Vec<_> = self
-            .store()
-            .list_chunks()
-            .await?
+        let mut orphans: Vec<_> = chunks
             .into_iter()
             .map(|c| c.volume)
             .filter(|v| !live.contains(v))
@@ -327,7 +328,12 @@ impl Node {
             .filter_map(|(_, w)| w.upgrade())
             .collect();
         let mut first_err = None;
+        // Make everything written durable on every replica that received
+        // it, then stop further writes, then release the locks.
         for ov in &open {
+            if let Err(e) = ov.volume.flush().await {
+                first_err.get_or_insert(e);
+            }
             ov.volume.fence();
         }
         if let Err(e) = self.store().flush().await {
@@ -352,6 +358,28 @@ impl Node {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Tell every ring member the volume's new epoch (a flush at that epoch),
+    /// so replicas holding epochs of the previous writer refuse it from now
+    /// on, and its in-flight writes drain first. Best effort: a member that
+    /// is down learns the epoch from metadata when it next sees the volume.
+    async fn announce_epoch(&self, record: &VolumeRecord) {
+        let members: Vec<PeerId> = self.ring().members.iter().map(|m| m.id).collect();
+        let link = &self.inner.link;
+        let calls = members.iter().map(|&peer| {
+            let req = torus_traits::PeerRequest::Flush {
+                volume: record.id,
+                epoch: record.epoch,
+            };
+            async move {
+                let r = tokio::time::timeout(Duration::from_secs(5), link.call(peer, req)).await;
+                if !matches!(r, Ok(Ok(_))) {
+                    tracing::debug!(%peer, volume = %record.name, "could not announce the new epoch");
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
     }
 
     async fn chunk_io(&self, record: &VolumeRecord) -> Result<Arc<dyn ChunkIo>> {
@@ -385,37 +413,72 @@ async fn heartbeat_once(inner: &Inner) -> Result<()> {
     peers::heartbeat(&*inner.meta, &info, lease).await
 }
 
-/// Keep the lease alive and the peer record fresh. If the lease is lost (the
-/// metadata store was unreachable longer than its TTL), every writable volume
-/// of this node is fenced — another node may already have taken it over — and
-/// the node registers again under a new lease.
+/// Keep the lease alive and the peer record fresh, and fence this node's
+/// writers before its lease can lapse on the server.
+///
+/// The lease expires on the metadata server `lease_ttl` after the last renewal
+/// it received. If no renewal has succeeded for most of that time (etcd
+/// unreachable, slow, partitioned), another node may take the volumes over
+/// soon, so every writable volume here is fenced first — by the clock, not only
+/// on a `LeaseNotFound` answer that a partition would never deliver. If the
+/// lease is gone the node registers again under a new one.
 async fn heartbeat_loop(inner: Weak<Inner>) {
+    let mut last_ok = tokio::time::Instant::now();
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let period = strong.opts.lease_ttl / 3;
+        let ttl = strong.opts.lease_ttl;
         drop(strong);
+        let healthy = last_ok.elapsed() < ttl / 3;
+        let period = if healthy {
+            ttl / 3
+        } else {
+            Duration::from_millis(300)
+        };
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
         let lease = *lock(&inner.lease);
-        match inner.meta.keep_alive(lease).await {
-            Ok(_) => {}
-            Err(Error::LeaseNotFound(_)) => {
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout(ttl / 3, inner.meta.keep_alive(lease)).await {
+            Ok(Ok(_)) => last_ok = sent,
+            Ok(Err(Error::LeaseNotFound(_))) => {
                 tracing::error!("lease lost: fencing every open volume and registering again");
-                for ov in lock(&inner.open).drain().filter_map(|(_, w)| w.upgrade()) {
-                    ov.volume.fence();
-                }
-                match inner.meta.grant(inner.opts.lease_ttl).await {
-                    Ok(new) => *lock(&inner.lease) = new,
+                fence_all(&inner).await;
+                match inner.meta.grant(ttl).await {
+                    Ok(new) => {
+                        *lock(&inner.lease) = new;
+                        last_ok = sent;
+                    }
                     Err(e) => tracing::warn!("cannot grant a new lease: {e}"),
                 }
             }
-            Err(e) => tracing::warn!("lease keep-alive failed: {e}"),
+            Ok(Err(e)) => tracing::warn!("lease keep-alive failed: {e}"),
+            Err(_) => tracing::warn!("lease keep-alive timed out"),
         }
-        if let Err(e) = heartbeat_once(&inner).await {
+        // Fence with a margin before the server could expire the lease.
+        if last_ok.elapsed() >= ttl - ttl / 4 && !lock(&inner.open).is_empty() {
+            tracing::error!(
+                silent_for = ?last_ok.elapsed(),
+                "no lease renewal for most of its TTL: fencing open volumes before another node can take them"
+            );
+            fence_all(&inner).await;
+        }
+        if let Err(e) = tokio::time::timeout(ttl / 3, heartbeat_once(&inner))
+            .await
+            .unwrap_or_else(|_| Err(Error::Timeout("peer heartbeat".into())))
+        {
             tracing::warn!("heartbeat failed: {e}");
         }
+    }
+}
+
+/// Fence and forget every writable volume. Under the open gate, so an open
+/// racing with this either finishes first (and is fenced) or starts after.
+async fn fence_all(inner: &Inner) {
+    let _gate = inner.open_gate.lock().await;
+    for ov in lock(&inner.open).drain().filter_map(|(_, w)| w.upgrade()) {
+        ov.volume.fence();
     }
 }
 
@@ -562,6 +625,7 @@ impl VolumeProvider for Node {
                 return Err(e);
             }
         };
+        self.announce_epoch(&record).await;
         let ov = Arc::new(OpenVolume {
             volume: Volume::new(record, chunk_size, io, false),
             node: Arc::downgrade(&self.inner),

@@ -99,7 +99,7 @@ impl ClusterLink {
     }
 
     /// Send one request to a peer (this node's own replica directly).
-    async fn call(&self, peer: PeerId, request: PeerRequest) -> Result<PeerResponse> {
+    pub async fn call(&self, peer: PeerId, request: PeerRequest) -> Result<PeerResponse> {
         if peer == self.me {
             use torus_traits::PeerHandler;
             return self.local.handle(request).await;
@@ -126,6 +126,9 @@ pub struct ReplicatedChunks {
     degraded: Mutex<HashMap<u64, HashSet<PeerId>>>,
     /// Chunks each peer received since the last flush.
     dirty: Mutex<HashMap<PeerId, BTreeSet<u64>>>,
+    /// One flush at a time: a flush that finds nothing pending must not
+    /// return while an earlier one is still making remote replicas durable.
+    flush_gate: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,6 +159,7 @@ impl ReplicatedChunks {
             replication,
             degraded: Mutex::new(degraded),
             dirty: Mutex::new(HashMap::new()),
+            flush_gate: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -195,6 +199,14 @@ impl ReplicatedChunks {
             reason: reason.to_string(),
             since_unix_ms: crate::catalog::now_ms(),
         };
+        // In memory first: even if the record cannot be written, this writer
+        // must stop treating the stale copy as current.
+        {
+            let mut degraded = lock(&self.degraded);
+            for &i in chunks {
+                degraded.entry(i).or_default().insert(peer);
+            }
+        }
         let value = encode(&record)?;
         // Bounded transactions: etcd limits the operations per transaction.
         for batch in chunks.chunks(64) {
@@ -206,10 +218,6 @@ impl ReplicatedChunks {
             });
             self.link.meta.txn(Txn::new().and_then(ops)).await?;
         }
-        let mut degraded = lock(&self.degraded);
-        for &i in chunks {
-            degraded.entry(i).or_default().insert(peer);
-        }
         tracing::warn!(volume = %self.volume, %peer, chunks = chunks.len(), "replica marked degraded: {reason}");
         Ok(())
     }
@@ -220,6 +228,9 @@ impl ReplicatedChunks {
         let results = join_all(targets.iter().map(|&p| self.link.call(p, request.clone()))).await;
         let mut failed = Vec::new();
         let mut first_err = None;
+        let mut refused = None;
+        // Look at every answer before returning, so each replica that took
+        // the write is tracked for the next flush whatever else happened.
         for (&peer, r) in targets.iter().zip(results) {
             match r {
                 Ok(_) => {
@@ -228,14 +239,19 @@ impl ReplicatedChunks {
                         .or_default()
                         .insert(chunk.index);
                 }
-                Err(e @ Error::Fenced(_)) => return Err(e),
-                // The request itself is wrong: every replica would say so.
-                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                // A newer writer exists, or the request itself is wrong
+                // (every replica would say so): not the replica's fault.
+                Err(e @ (Error::Fenced(_) | Error::InvalidArgument(_))) => {
+                    refused.get_or_insert(e);
+                }
                 Err(e) => {
                     failed.push((peer, e.to_string()));
                     first_err.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = refused {
+            return Err(e);
         }
         if failed.len() == targets.len() {
             return Err(
@@ -247,6 +263,11 @@ impl ReplicatedChunks {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Put chunks back as not yet flushed on `peer`.
+    fn restore_dirty(&self, peer: PeerId, chunks: impl IntoIterator<Item = u64>) {
+        lock(&self.dirty).entry(peer).or_default().extend(chunks);
     }
 
     /// The peers a write of `chunk` reached, for tests and status.
@@ -314,10 +335,11 @@ impl ChunkIo for ReplicatedChunks {
     }
 
     async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
+        let _gate = self.flush_gate.lock().await;
         let pending: Vec<(PeerId, BTreeSet<u64>)> = lock(&self.dirty).drain().collect();
         if pending.is_empty() {
-            // Nothing written since the last barrier; still make this node's
-            // own earlier writes durable (cheap when clean).
+            // Nothing written since the last completed barrier; still make
+            // this node's own earlier writes durable (cheap when clean).
             return self.link.local.flush(volume, epoch).await;
         }
         let results = join_all(
@@ -326,46 +348,55 @@ impl ChunkIo for ReplicatedChunks {
                 .map(|(p, _)| self.link.call(*p, PeerRequest::Flush { volume, epoch })),
         )
         .await;
-        let mut failed: Vec<(PeerId, Vec<u64>, Error)> = Vec::new();
-        let mut durable: HashMap<u64, usize> = HashMap::new();
+        let mut failed: Vec<(PeerId, &BTreeSet<u64>, Error)> = Vec::new();
+        let mut durable: HashSet<u64> = HashSet::new();
         for ((peer, chunks), r) in pending.iter().zip(results) {
             match r {
-                Ok(_) => {
-                    for &i in chunks {
-                        *durable.entry(i).or_default() += 1;
-                    }
-                }
-                Err(e) => failed.push((*peer, chunks.iter().copied().collect(), e)),
+                Ok(_) => durable.extend(chunks.iter().copied()),
+                Err(e) => failed.push((*peer, chunks, e)),
             }
         }
-        if let Some((_, _, e @ Error::Fenced(_))) =
-            failed.iter().find(|f| matches!(f.2, Error::Fenced(_)))
-        {
-            return Err(e.clone());
+        if failed.is_empty() {
+            return Ok(());
         }
+        if let Some((_, _, e)) = failed.iter().find(|f| matches!(f.2, Error::Fenced(_))) {
+            // A newer writer exists: nothing of ours is durable by this
+            // barrier's standard; keep it pending so no retry reports success.
+            let e = e.clone();
+            for (peer, chunks, _) in &failed {
+                self.restore_dirty(*peer, chunks.iter().copied());
+            }
+            return Err(e);
+        }
+        // A replica that could not flush is given up for a chunk only when
+        // another replica made that chunk durable; the last copy is never
+        // written off — it stays pending and the flush fails, to be retried.
+        let mut first_err = None;
         for (peer, chunks, e) in &failed {
-            if let Err(me) = self
-                .mark_degraded(*peer, chunks, epoch, &format!("flush failed: {e}"))
-                .await
-            {
-                // Cannot record the loss: the barrier must not pass. Keep the
-                // chunks pending so a retry covers them.
-                let mut dirty = lock(&self.dirty);
-                for (p, c) in &pending {
-                    dirty.entry(*p).or_default().extend(c.iter().copied());
+            let (covered, uncovered): (Vec<u64>, Vec<u64>) =
+                chunks.iter().partition(|i| durable.contains(i));
+            if !covered.is_empty() {
+                if let Err(me) = self
+                    .mark_degraded(*peer, &covered, epoch, &format!("flush failed: {e}"))
+                    .await
+                {
+                    self.restore_dirty(*peer, covered);
+                    first_err.get_or_insert(me);
                 }
-                return Err(me);
             }
-        }
-        for (_, chunks, e) in &failed {
-            if let Some(i) = chunks.iter().find(|i| !durable.contains_key(i)) {
-                return Err(Error::Unavailable(format!(
-                    "chunk {}/{i} has no durable copy: {e}",
+            if !uncovered.is_empty() {
+                let first = uncovered[0];
+                self.restore_dirty(*peer, uncovered);
+                first_err.get_or_insert(Error::Unavailable(format!(
+                    "chunk {}/{first} has no durable copy yet: {e}",
                     volume.0
                 )));
             }
         }
-        Ok(())
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

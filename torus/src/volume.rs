@@ -11,7 +11,7 @@ use crate::catalog::VolumeRecord;
 use crate::replica::Replica;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use torus_traits::{BlockDevice, ChunkRef, Epoch, Error, Result, VolumeId};
@@ -72,6 +72,11 @@ pub fn pieces(offset: u64, len: u64, chunk_size: u64) -> impl Iterator<Item = Pi
         pos += n;
         Some(piece)
     })
+}
+
+/// The first error of several completed operations.
+fn all_ok(results: Vec<Result<()>>) -> Result<()> {
+    results.into_iter().collect()
 }
 
 /// Zeros written for `write_zeroes` without trimming, shared and never copied.
@@ -154,12 +159,13 @@ impl Volume {
 
     async fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         let epoch = self.epoch();
-        try_join_all(
-            pieces(offset, len, self.chunk_size)
-                .map(|p| self.io.zero(self.chunk(p.index), p.offset, p.len, epoch)),
+        all_ok(
+            join_all(
+                pieces(offset, len, self.chunk_size)
+                    .map(|p| self.io.zero(self.chunk(p.index), p.offset, p.len, epoch)),
+            )
+            .await,
         )
-        .await?;
-        Ok(())
     }
 
     async fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
@@ -227,11 +233,15 @@ impl BlockDevice for Volume {
         self.check_range(offset, len)?;
         self.check_writable()?;
         let epoch = self.epoch();
-        try_join_all(pieces(offset, len, self.chunk_size).map(|p| {
-            let slice = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
-            self.io.write(self.chunk(p.index), p.offset, slice, epoch)
-        }))
-        .await?;
+        // join_all, not try_join_all: one failed piece must not cancel the
+        // others half-way through their replication.
+        all_ok(
+            join_all(pieces(offset, len, self.chunk_size).map(|p| {
+                let slice = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
+                self.io.write(self.chunk(p.index), p.offset, slice, epoch)
+            }))
+            .await,
+        )?;
         if fua {
             self.flush().await?;
         }
