@@ -1,7 +1,8 @@
 //! Implementations of the storage-side traits.
 //!
 //! - [`metadata`]: `MetadataStore` for memory, sled and etcd.
-//! - [`storage`]: `BlockStore` for memory, files and mmap.
+//! - [`storage`]: `BlockStore` for memory, files, mmap and object stores, and a
+//!   fault-injecting decorator for tests.
 
 pub mod metadata;
 pub mod storage;

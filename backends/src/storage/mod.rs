@@ -6,6 +6,12 @@
 //!   (`pread`/`pwrite`) on cached descriptors, holes punched to free space.
 //! - [`MmapBlockStore`]: the same files and accounting as `FileBlockStore`,
 //!   with I/O through a shared memory mapping of each chunk file.
+//! - [`ObjectBlockStore`]: chunks as sparse objects in any `object_store`
+//!   (local filesystem, memory, S3), behind a local write-back cache; FLUSH
+//!   means the data is in the object store.
+//! - [`FaultyBlockStore`]: a decorator for tests that fails, delays or
+//!   corrupts operations, rots stored bits, and simulates power loss by
+//!   dropping everything not yet flushed.
 //!
 //! The file and mmap stores share everything but the I/O itself
 //! (`chunk_dir`): the on-disk layout `<dir>/<volume>/<index>`, the exact
@@ -21,13 +27,17 @@
 mod alloc;
 mod chunk_dir;
 pub mod file;
+pub mod faulty;
 pub mod memory;
 pub mod mmap;
+pub mod object;
 mod sys;
 
+pub use faulty::{FaultControl, FaultyBlockStore};
 pub use file::FileBlockStore;
 pub use memory::MemoryBlockStore;
 pub use mmap::MmapBlockStore;
+pub use object::ObjectBlockStore;
 
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
