@@ -1,0 +1,1461 @@
+//! `torus-bench`: what `torusd` delivers over NBD, next to reference servers.
+//!
+//! One run measures, one server after another, the same fio workloads
+//! (`fio --ioengine=nbd`, loopback TCP) against:
+//!
+//! - `torusd R1`: one `torusd` on the embedded default (sled metadata, file
+//!   pool), replication 1;
+//! - `cluster R3`: three `torusd` nodes on a real etcd
+//!   (`torusctl --etcd E init --replication 3`), fio against node A;
+//! - `nbdkit file`: `nbdkit file` on a sparse file (reference);
+//! - `qemu-nbd raw`: `qemu-nbd -f raw` on a sparse file (reference).
+//!
+//! Every server keeps its data under one work directory (same disk) and
+//! serves a volume of the same size. Workloads: 1 MiB sequential write and
+//! read at QD8 (MB/s), 4 KiB random write and read at QD32 (IOPS), 4 KiB
+//! random write at QD1 (mean and p99 completion latency, µs), and 4 KiB
+//! random write at QD32 over four connections (`--numjobs=4`, only where the
+//! server advertises `CAN_MULTI_CONN`). The volume is filled by a sequential
+//! write pass before the read workloads.
+//!
+//! Output: a Markdown table on stdout (rows = workloads, columns = servers,
+//! plus the ratios torusd/nbdkit and cluster-R3/torusd-R1), then the peak RSS
+//! (`VmHWM`) of every server process; `--json FILE` writes the same figures
+//! as JSON. Progress goes to stderr.
+//!
+//! Nothing outlives the program: every child has a guard that kills it on
+//! drop (errors, panics), SIGINT, SIGTERM or SIGHUP stop the run and clean
+//! up, and the children this program spawns itself get `PR_SET_PDEATHSIG`
+//! (so even a SIGKILL of the benchmark takes them along; etcd, started by
+//! the harness's `EtcdServer`, is only covered by the guard).
+//!
+//! Run it with `scripts/bench [ARGS]` (installs the tools when missing and
+//! builds release), or `cargo run --release --bin torus-bench -- --help`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+use torus_integration::etcd::EtcdServer;
+
+type Res<T> = Result<T, String>;
+/// Peak RSS in MiB per process name.
+type Rss = Vec<(String, f64)>;
+
+const MIB: u64 = 1 << 20;
+/// The volume's name on every server (the NBD export name).
+const VOLUME: &str = "bench";
+/// Where `EtcdServer` runs etcd from.
+const ETCD_BIN: &str = "/usr/bin/etcd";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "torus-bench",
+    about = "fio over NBD against torusd (R1 and a 3-node R3 cluster), nbdkit and qemu-nbd; prints a Markdown table"
+)]
+struct Args {
+    /// Volume size (KiB/MiB/GiB/TiB are powers of 1024, K/M/G/T of 1000);
+    /// a whole number of MiB.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    size: u64,
+    /// Seconds each workload is measured.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    runtime: u64,
+    /// Seconds of warm-up before each measurement (fio --ramp_time).
+    #[arg(long, default_value_t = 2)]
+    ramp: u64,
+    /// Directory for the servers' data (a fresh subdirectory is made and
+    /// removed); default /var/tmp, else the current directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Servers to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "torusd,cluster,nbdkit,qemu-nbd"
+    )]
+    only: Vec<Kind>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Take torusd/torusctl from target/release even when this program is a
+    /// debug build.
+    #[arg(long, conflicts_with = "bin_dir")]
+    release: bool,
+    /// Directory holding torusd and torusctl (default: next to this program).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Keep the work directory (server logs) after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_size(s: &str) -> Res<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        u => return Err(format!("bad size unit {u:?} in {s:?}")),
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))?;
+    if bytes == 0 || bytes % MIB != 0 {
+        return Err(format!("size {s:?} must be a positive whole number of MiB"));
+    }
+    Ok(bytes)
+}
+
+// ---------------------------------------------------------------------------
+// Servers and workloads
+
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+enum Kind {
+    Torusd,
+    Cluster,
+    Nbdkit,
+    QemuNbd,
+}
+
+impl Kind {
+    fn id(self) -> &'static str {
+        match self {
+            Kind::Torusd => "torusd",
+            Kind::Cluster => "cluster",
+            Kind::Nbdkit => "nbdkit",
+            Kind::QemuNbd => "qemu-nbd",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Torusd => "torusd R1",
+            Kind::Cluster => "cluster R3",
+            Kind::Nbdkit => "nbdkit file",
+            Kind::QemuNbd => "qemu-nbd raw",
+        }
+    }
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+enum Metric {
+    /// MB/s (10^6 bytes per second).
+    Bandwidth,
+    Iops,
+    /// Mean and p99 completion latency, µs.
+    Latency,
+}
+
+struct Workload {
+    id: &'static str,
+    title: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+    numjobs: u32,
+    metric: Metric,
+}
+
+impl Workload {
+    fn is_read(&self) -> bool {
+        self.rw.contains("read")
+    }
+}
+
+/// In table order.
+const WORKLOADS: [Workload; 6] = [
+    Workload {
+        id: "seq-write-1m-qd8",
+        title: "1 MiB seq write QD8 (MB/s)",
+        rw: "write",
+        bs: "1m",
+        iodepth: 8,
+        numjobs: 1,
+        metric: Metric::Bandwidth,
+    },
+    Workload {
+        id: "seq-read-1m-qd8",
+        title: "1 MiB seq read QD8 (MB/s)",
+        rw: "read",
+        bs: "1m",
+        iodepth: 8,
+        numjobs: 1,
+        metric: Metric::Bandwidth,
+    },
+    Workload {
+        id: "rand-write-4k-qd32",
+        title: "4 KiB rand write QD32 (IOPS)",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        numjobs: 1,
+        metric: Metric::Iops,
+    },
+    Workload {
+        id: "rand-read-4k-qd32",
+        title: "4 KiB rand read QD32 (IOPS)",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        numjobs: 1,
+        metric: Metric::Iops,
+    },
+    Workload {
+        id: "rand-write-4k-qd1",
+        title: "4 KiB rand write QD1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        numjobs: 1,
+        metric: Metric::Latency,
+    },
+    Workload {
+        id: "rand-write-4k-qd32-4conn",
+        title: "4 KiB rand write QD32 × 4 conns (IOPS)",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        numjobs: 4,
+        metric: Metric::Iops,
+    },
+];
+
+/// Execution order (indices into `WORKLOADS`): writes that fill the volume
+/// first, then reads, then random writes on allocated data.
+const RUN_ORDER: [usize; 6] = [0, 1, 3, 2, 4, 5];
+
+/// What fio reported for one workload (the read or the write side).
+#[derive(Clone, Debug)]
+struct Figures {
+    bw_bytes: f64,
+    iops: f64,
+    io_bytes: u64,
+    clat_mean_us: f64,
+    clat_p99_us: f64,
+}
+
+impl Figures {
+    fn json(&self) -> Value {
+        json!({
+            "mb_per_s": self.bw_bytes / 1e6,
+            "iops": self.iops,
+            "io_bytes": self.io_bytes,
+            "clat_mean_us": self.clat_mean_us,
+            "clat_p99_us": self.clat_p99_us,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Outcome {
+    Done(Figures),
+    /// Not run, with the reason (e.g. no multi-conn).
+    Skipped(String),
+    Failed(String),
+}
+
+impl Outcome {
+    fn json(&self) -> Value {
+        match self {
+            Outcome::Done(f) => f.json(),
+            Outcome::Skipped(why) => json!({ "skipped": why }),
+            Outcome::Failed(why) => json!({ "error": why }),
+        }
+    }
+}
+
+/// Everything measured on one server.
+struct ServerResult {
+    kind: Kind,
+    outcomes: BTreeMap<&'static str, Outcome>,
+    prefill: Option<Outcome>,
+    multi_conn: Option<bool>,
+    /// Peak RSS (MiB) of each serving process.
+    rss: Rss,
+    /// Peak RSS of helpers that are not the server itself (etcd).
+    helper_rss: Rss,
+    /// Why the server could not be benchmarked at all.
+    error: Option<String>,
+    /// Problems that do not void the figures (e.g. an unclean stop).
+    warnings: Vec<String>,
+}
+
+impl ServerResult {
+    fn new(kind: Kind) -> ServerResult {
+        ServerResult {
+            kind,
+            outcomes: BTreeMap::new(),
+            prefill: None,
+            multi_conn: None,
+            rss: Vec::new(),
+            helper_rss: Vec::new(),
+            error: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn figures(&self, workload: &str) -> Option<&Figures> {
+        match self.outcomes.get(workload) {
+            Some(Outcome::Done(f)) => Some(f),
+            _ => None,
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.error.is_some()
+            || self
+                .outcomes
+                .values()
+                .chain(self.prefill.iter())
+                .any(|o| matches!(o, Outcome::Failed(_)))
+    }
+
+    fn json(&self) -> Value {
+        let workloads: serde_json::Map<String, Value> = self
+            .outcomes
+            .iter()
+            .map(|(k, o)| (k.to_string(), o.json()))
+            .collect();
+        let rss: serde_json::Map<String, Value> = self
+            .rss
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(round2(*v))))
+            .collect();
+        let helper: serde_json::Map<String, Value> = self
+            .helper_rss
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(round2(*v))))
+            .collect();
+        json!({
+            "id": self.kind.id(),
+            "label": self.kind.label(),
+            "multi_conn": self.multi_conn,
+            "workloads": workloads,
+            "prefill": self.prefill.as_ref().map(Outcome::json),
+            "peak_rss_mib": rss,
+            "helper_peak_rss_mib": helper,
+            "error": self.error,
+            "warnings": self.warnings,
+        })
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+// ---------------------------------------------------------------------------
+// Child processes: guards, signals, bounded runs
+
+/// Set by the signal thread; every wait loop checks it.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Pids of running children, killed by the signal thread if the main thread
+/// does not clean up in time.
+static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn interrupted() -> Res<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn register(pid: u32) {
+    PIDS.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+}
+
+fn unregister(pid: u32) {
+    PIDS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|p| *p != pid);
+}
+
+/// Signals received (SIGINT, SIGTERM, SIGHUP).
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Async-signal-safe: atomics only.
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Catch SIGINT, SIGTERM and SIGHUP: the first asks the main thread to stop
+/// (its guards kill the children and remove the work directory); a second
+/// one, or 20 s without the main thread finishing, kills the children and
+/// exits. (A handler, not a blocked mask: children inherit a signal mask but
+/// not handlers, so they stay killable.)
+fn install_signal_guard() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs an async-signal-safe handler with an empty mask.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    std::thread::spawn(|| {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("torus-bench: interrupted: stopping (again to kill at once)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while SIGNALS.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for pid in PIDS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            // SAFETY: kill(2) on a pid this program spawned.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
+        std::process::exit(130);
+    });
+}
+
+/// The child gets SIGKILL when this program dies (even by SIGKILL).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the hook calls only async-signal-safe functions and allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A running child process, killed when dropped.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Res<Proc> {
+        let desc = format!("{cmd:?}");
+        let child = die_with_parent(cmd)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {desc}: {e}"))?;
+        register(child.id());
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// `Some(status)` once the process has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Peak resident set size (VmHWM) in MiB.
+    fn peak_rss_mib(&self) -> Res<f64> {
+        vm_hwm_mib(self.pid())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; an error when it did not exit 0
+    /// by itself.
+    fn stop(&mut self, grace: Duration) -> Res<()> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = c.id();
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        let result = loop {
+            match c.try_wait() {
+                Ok(Some(st)) if st.success() => break Ok(()),
+                Ok(Some(st)) => break Err(format!("{} exited with {st} after SIGTERM", self.name)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break Err(format!(
+                        "{} did not exit within {grace:?} of SIGTERM; killed",
+                        self.name
+                    ));
+                }
+            }
+        };
+        unregister(pid);
+        result
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            unregister(c.id());
+        }
+    }
+}
+
+/// Keeps etcd's pid in the registry while it runs.
+struct PidGuard(u32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        unregister(self.0);
+    }
+}
+
+fn vm_hwm_mib(pid: u32) -> Res<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| format!("no VmHWM in /proc/{pid}/status"))?;
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("bad line {line:?}"))?;
+    Ok(kib / 1024.0)
+}
+
+/// Run a command to completion within `limit` (killed after it, or on a
+/// signal); stdout and stderr are collected.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> Res<Output> {
+    let desc = format!("{cmd:?}");
+    let mut child = die_with_parent(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {desc}: {e}"))?;
+    let pid = child.id();
+    register(pid);
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let deadline = Instant::now() + limit;
+    let waited = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if INTERRUPTED.load(Ordering::SeqCst) => break Err("interrupted".to_string()),
+            Ok(None) if Instant::now() >= deadline => {
+                break Err(format!("{desc} did not finish within {limit:?}; killed"))
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => break Err(format!("waiting for {desc}: {e}")),
+        }
+    };
+    if waited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    unregister(pid);
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    Ok(Output {
+        status: waited?,
+        stdout,
+        stderr,
+    })
+}
+
+/// `run_bounded` that must exit 0; returns stdout.
+fn run_ok(cmd: &mut Command, limit: Duration) -> Res<String> {
+    let desc = format!("{cmd:?}");
+    let out = run_bounded(cmd, limit)?;
+    if !out.status.success() {
+        return Err(format!(
+            "{desc} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last lines of a log file, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(15);
+    format!("{} (tail):\n{}", path.display(), lines[from..].join("\n"))
+}
+
+fn free_port() -> Res<u16> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free loopback port: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// Starting the servers
+
+/// Settings shared by every server run.
+struct Ctx {
+    size: u64,
+    runtime: u64,
+    ramp: u64,
+    torusd: PathBuf,
+    torusctl: PathBuf,
+    logs: PathBuf,
+}
+
+impl Ctx {
+    /// The pool each torusd node contributes: room for one full copy.
+    fn pool_bytes(&self) -> u64 {
+        self.size + (self.size / 4).max(256 * MIB)
+    }
+
+    fn ctl(&self, target: &[&str], args: &[&str]) -> Res<String> {
+        run_ok(
+            Command::new(&self.torusctl).args(target).args(args),
+            Duration::from_secs(30),
+        )
+    }
+}
+
+/// A server under test and the processes behind it.
+struct Running {
+    uri: String,
+    /// The serving processes (peak RSS reported), stopped in reverse order.
+    procs: Vec<Proc>,
+    /// etcd for the cluster: a helper, reported separately.
+    etcd: Option<(EtcdServer, PidGuard)>,
+}
+
+impl Running {
+    fn peak_rss(&self) -> (Rss, Rss, Vec<String>) {
+        let mut warnings = Vec::new();
+        let mut read = |name: &str, r: Res<f64>| match r {
+            Ok(v) => Some((name.to_string(), v)),
+            Err(e) => {
+                warnings.push(format!("peak RSS of {name}: {e}"));
+                None
+            }
+        };
+        let main: Vec<_> = self
+            .procs
+            .iter()
+            .filter_map(|p| read(&p.name, p.peak_rss_mib()))
+            .collect();
+        let helpers: Vec<_> = self
+            .etcd
+            .iter()
+            .filter_map(|(_, g)| read("etcd", vm_hwm_mib(g.0)))
+            .collect();
+        (main, helpers, warnings)
+    }
+
+    /// Stop everything gracefully; returns what did not stop cleanly.
+    fn stop(mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        while let Some(mut p) = self.procs.pop() {
+            if let Err(e) = p.stop(Duration::from_secs(30)) {
+                problems.push(e);
+            }
+        }
+        if let Some((mut etcd, _guard)) = self.etcd.take() {
+            etcd.stop();
+        }
+        problems
+    }
+}
+
+/// Start one torusd and wait for its `torusd ready:` line; returns the
+/// process, its NBD address and its admin URL.
+fn start_torusd(
+    ctx: &Ctx,
+    name: &str,
+    data_dir: &Path,
+    extra: &[&str],
+) -> Res<(Proc, SocketAddr, String)> {
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let log = ctx.logs.join(format!("{name}.log"));
+    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let pool = ctx.pool_bytes().to_string();
+    let mut proc = Proc::spawn(
+        name,
+        Command::new(&ctx.torusd)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--nbd-listen", "127.0.0.1:0", "--host", "127.0.0.1"])
+            .args(["--port", "0", "--size", &pool])
+            .args(extra)
+            .env_remove("TORUS_LOG")
+            .stdout(Stdio::piped())
+            .stderr(log_file),
+        &log,
+    )?;
+    let stdout = proc
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("torusd ready:") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        interrupted()?;
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => break line,
+            Err(_) if Instant::now() >= deadline => {
+                return Err(format!(
+                    "{name} not ready within 60 s; {}",
+                    log_tail(&proc.log)
+                ))
+            }
+            Err(_) => {
+                if let Some(st) = proc.exited() {
+                    return Err(format!("{name} exited ({st}); {}", log_tail(&proc.log)));
+                }
+            }
+        }
+    };
+    // torusd ready: nbd=127.0.0.1:PORT admin=http://127.0.0.1:PORT [peer=…] id=UUID
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_string)
+            .ok_or_else(|| format!("no {key} in {line:?}"))
+    };
+    let nbd = field("nbd=")?
+        .parse()
+        .map_err(|e| format!("bad nbd address in {line:?}: {e}"))?;
+    let admin = field("admin=")?;
+    Ok((proc, nbd, admin))
+}
+
+fn start_single(ctx: &Ctx, dir: &Path) -> Res<Running> {
+    let (proc, nbd, admin) = start_torusd(ctx, "torusd", &dir.join("torusd"), &[])?;
+    ctx.ctl(
+        &["--server", &admin],
+        &["volume", "create-block", VOLUME, &ctx.size.to_string()],
+    )?;
+    Ok(Running {
+        uri: format!("nbd://{nbd}/{VOLUME}"),
+        procs: vec![proc],
+        etcd: None,
+    })
+}
+
+fn start_cluster(ctx: &Ctx, dir: &Path) -> Res<Running> {
+    // EtcdServer panics on failure (with etcd's log); turn that into an error.
+    let etcd = std::panic::catch_unwind(EtcdServer::start).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "etcd did not start".into())
+    })?;
+    let guard = PidGuard(etcd.pid().unwrap_or(0));
+    register(guard.0);
+    let e = etcd.endpoint();
+    let mut running = Running {
+        uri: String::new(),
+        procs: Vec::new(),
+        etcd: Some((etcd, guard)),
+    };
+    ctx.ctl(&["--etcd", &e], &["init", "--replication", "3"])?;
+    for name in ["A", "B", "C"] {
+        let (proc, nbd, _admin) = start_torusd(
+            ctx,
+            &format!("node-{name}"),
+            &dir.join(format!("node-{name}")),
+            &["--etcd", &e, "--peer-address", "127.0.0.1:0", "--auto-join"],
+        )?;
+        if running.procs.is_empty() {
+            running.uri = format!("nbd://{nbd}/{VOLUME}");
+        }
+        running.procs.push(proc);
+    }
+    // All three must be members before the volume is placed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        interrupted()?;
+        let out = ctx.ctl(&["--etcd", &e], &["list-peers", "--json"])?;
+        let peers: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let ok = peers
+            .as_array()
+            .map(|p| p.len() == 3 && p.iter().all(|p| p["member"] == "OK"))
+            .unwrap_or(false);
+        if ok {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("three OK peers not seen within 30 s: {out}"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ctx.ctl(
+        &["--etcd", &e],
+        &["volume", "create-block", VOLUME, &ctx.size.to_string()],
+    )?;
+    // The volume takes the ring's replication; check it when listed.
+    let list = ctx.ctl(&["--etcd", &e], &["volume", "list", "--json"])?;
+    if let Ok(v) = serde_json::from_str::<Value>(&list) {
+        let vols = v.as_array().cloned().unwrap_or_default();
+        if let Some(r) = vols
+            .iter()
+            .find(|x| x["name"] == VOLUME)
+            .and_then(|x| x["replication"].as_u64())
+        {
+            if r != 3 {
+                return Err(format!("volume has replication {r}, not 3: {list}"));
+            }
+        }
+    }
+    Ok(running)
+}
+
+/// nbdkit or qemu-nbd on a sparse file of the volume's size.
+fn start_reference(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let image = dir.join("volume.raw");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(ctx.size))
+        .map_err(|e| format!("{}: {e}", image.display()))?;
+    let mut last = String::new();
+    // A free port may be taken between the probe and the server's bind: retry.
+    for _ in 0..3 {
+        interrupted()?;
+        let port = free_port()?;
+        let log = ctx.logs.join(format!("{}.log", kind.id()));
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = match kind {
+            Kind::Nbdkit => {
+                let mut c = Command::new("nbdkit");
+                c.args([
+                    "--foreground",
+                    "--exit-with-parent",
+                    "--ipaddr",
+                    "127.0.0.1",
+                ])
+                .args(["--port", &port.to_string(), "file"])
+                .arg(format!("file={}", image.display()));
+                c
+            }
+            _ => {
+                let mut c = Command::new("qemu-nbd");
+                c.args([
+                    "-f",
+                    "raw",
+                    "--persistent",
+                    "--shared=8",
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args(["--port", &port.to_string(), "--export-name", VOLUME])
+                .arg(&image);
+                c
+            }
+        };
+        let mut proc = Proc::spawn(kind.id(), cmd.stdout(log_file).stderr(log_err), &log)?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            interrupted()?;
+            if let Some(st) = proc.exited() {
+                last = format!("{} exited ({st}); {}", kind.id(), log_tail(&log));
+                break;
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(Running {
+                    uri: format!("nbd://{addr}/{VOLUME}"),
+                    procs: vec![proc],
+                    etcd: None,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} not listening within 15 s; {}",
+                    kind.id(),
+                    log_tail(&log)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Err(last)
+}
+
+// ---------------------------------------------------------------------------
+// Measuring
+
+/// `CAN_MULTI_CONN` of the export, from `nbdinfo --json`.
+fn multi_conn(uri: &str) -> Res<bool> {
+    let out = run_ok(
+        Command::new("nbdinfo").args(["--json", uri]),
+        Duration::from_secs(30),
+    )?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| format!("nbdinfo json: {e}"))?;
+    v["exports"][0]["can_multi_conn"]
+        .as_bool()
+        .ok_or_else(|| format!("no can_multi_conn in nbdinfo output: {out}"))
+}
+
+/// One fio run; `timed` = Some((runtime, ramp)) for a time-based run, None
+/// for one pass over the volume.
+fn fio(ctx: &Ctx, uri: &str, name: &str, w: &Workload, timed: Option<(u64, u64)>) -> Res<Figures> {
+    let mut cmd = Command::new("fio");
+    cmd.arg(format!("--name={name}"))
+        .args(["--ioengine=nbd", &format!("--uri={uri}")])
+        .arg(format!("--rw={}", w.rw))
+        .arg(format!("--bs={}", w.bs))
+        .arg(format!("--iodepth={}", w.iodepth))
+        .arg(format!("--numjobs={}", w.numjobs))
+        .arg(format!("--size={}", ctx.size))
+        .args(["--group_reporting", "--output-format=json"]);
+    if w.rw.starts_with("rand") {
+        // No map of written blocks: less fio CPU, offsets stay uniform.
+        cmd.arg("--norandommap");
+    }
+    let limit = match timed {
+        Some((runtime, ramp)) => {
+            cmd.args(["--time_based", &format!("--runtime={runtime}")]);
+            if ramp > 0 {
+                cmd.arg(format!("--ramp_time={ramp}"));
+            }
+            Duration::from_secs(runtime + ramp + 60)
+        }
+        // One pass: allow down to ~5 MB/s.
+        None => Duration::from_secs(120 + ctx.size / 5_000_000),
+    };
+    let out = run_bounded(&mut cmd, limit)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let parsed = stdout
+        .find('{')
+        .and_then(|i| serde_json::from_str::<Value>(&stdout[i..]).ok());
+    let Some(v) = parsed.filter(|_| out.status.success()) else {
+        return Err(format!(
+            "fio {name} failed ({}): {} {}",
+            out.status,
+            stderr.trim(),
+            stdout.trim()
+        ));
+    };
+    let job = &v["jobs"][0];
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        return Err(format!(
+            "fio {name} reported error {}: {}",
+            job["error"],
+            stderr.trim()
+        ));
+    }
+    let side = &job[if w.is_read() { "read" } else { "write" }];
+    let f = |p: &Value| p.as_f64().unwrap_or(0.0);
+    let figures = Figures {
+        bw_bytes: f(&side["bw_bytes"]),
+        iops: f(&side["iops"]),
+        io_bytes: side["io_bytes"].as_u64().unwrap_or(0),
+        clat_mean_us: f(&side["clat_ns"]["mean"]) / 1e3,
+        clat_p99_us: f(&side["clat_ns"]["percentile"]["99.000000"]) / 1e3,
+    };
+    if figures.io_bytes == 0 {
+        return Err(format!("fio {name} moved no data: {}", stderr.trim()));
+    }
+    Ok(figures)
+}
+
+fn describe(w: &Workload, f: &Figures) -> String {
+    match w.metric {
+        Metric::Bandwidth => format!("{:.1} MB/s", f.bw_bytes / 1e6),
+        Metric::Iops => format!("{:.0} IOPS", f.iops),
+        Metric::Latency => format!(
+            "mean {:.1} µs, p99 {:.1} µs ({:.0} IOPS)",
+            f.clat_mean_us, f.clat_p99_us, f.iops
+        ),
+    }
+}
+
+fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
+    let mut result = ServerResult::new(kind);
+    let label = kind.label();
+    eprintln!("== {label}: starting");
+    let dir = work.join(kind.id());
+    let started = match kind {
+        Kind::Torusd => start_single(ctx, &dir),
+        Kind::Cluster => start_cluster(ctx, &dir),
+        Kind::Nbdkit | Kind::QemuNbd => start_reference(ctx, kind, &dir),
+    };
+    let running = match started {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("== {label}: could not start: {e}");
+            result.error = Some(e);
+            let _ = std::fs::remove_dir_all(&dir);
+            return result;
+        }
+    };
+    eprintln!("== {label}: serving {}", running.uri);
+    match multi_conn(&running.uri) {
+        Ok(m) => result.multi_conn = Some(m),
+        Err(e) => result.warnings.push(format!("multi-conn check: {e}")),
+    }
+    let timed = Some((ctx.runtime, ctx.ramp));
+    for &i in &RUN_ORDER {
+        let w = &WORKLOADS[i];
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        // Reads must hit data: fill the volume unless the sequential write
+        // already covered it.
+        if w.is_read() && result.prefill.is_none() {
+            let covered = result
+                .figures(WORKLOADS[0].id)
+                .is_some_and(|f| f.io_bytes >= ctx.size);
+            result.prefill = Some(if covered {
+                eprintln!("   prefill: skipped, the sequential write covered the volume");
+                Outcome::Skipped("sequential write covered the volume".into())
+            } else {
+                eprintln!("   prefill: one sequential write pass");
+                match fio(ctx, &running.uri, "prefill", &WORKLOADS[0], None) {
+                    Ok(f) => {
+                        eprintln!("   prefill: {:.1} MB/s", f.bw_bytes / 1e6);
+                        Outcome::Done(f)
+                    }
+                    Err(e) => {
+                        eprintln!("   prefill: FAILED: {e}");
+                        Outcome::Failed(e)
+                    }
+                }
+            });
+        }
+        let outcome = if w.numjobs > 1 && result.multi_conn != Some(true) {
+            let why = match result.multi_conn {
+                Some(false) => "server does not advertise multi-conn",
+                _ => "multi-conn unknown",
+            };
+            eprintln!("   {}: skipped ({why})", w.id);
+            Outcome::Skipped(why.into())
+        } else {
+            match fio(ctx, &running.uri, w.id, w, timed) {
+                Ok(f) => {
+                    eprintln!("   {}: {}", w.id, describe(w, &f));
+                    Outcome::Done(f)
+                }
+                Err(e) => {
+                    eprintln!("   {}: FAILED: {e}", w.id);
+                    Outcome::Failed(e)
+                }
+            }
+        };
+        result.outcomes.insert(w.id, outcome);
+    }
+    let (rss, helpers, warnings) = running.peak_rss();
+    result.rss = rss;
+    result.helper_rss = helpers;
+    result.warnings.extend(warnings);
+    result.warnings.extend(running.stop());
+    for w in &result.warnings {
+        eprintln!("   warning: {w}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+fn fmt_num(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn cell(r: &ServerResult, w: &Workload, p99: bool) -> (String, Option<f64>) {
+    match r.outcomes.get(w.id) {
+        Some(Outcome::Done(f)) => {
+            let v = match w.metric {
+                Metric::Bandwidth => f.bw_bytes / 1e6,
+                Metric::Iops => f.iops,
+                Metric::Latency if p99 => f.clat_p99_us,
+                Metric::Latency => f.clat_mean_us,
+            };
+            (fmt_num(v), Some(v))
+        }
+        Some(Outcome::Failed(_)) => ("error".into(), None),
+        Some(Outcome::Skipped(_)) | None if r.error.is_some() => ("error".into(), None),
+        Some(Outcome::Skipped(_)) | None => ("n/a".into(), None),
+    }
+}
+
+/// Rows of the table: (label, workload, p99?).
+fn rows() -> Vec<(String, &'static Workload, bool)> {
+    let mut rows = Vec::new();
+    for w in &WORKLOADS {
+        if w.metric == Metric::Latency {
+            rows.push((format!("{} mean lat (µs)", w.title), w, false));
+            rows.push((format!("{} p99 lat (µs)", w.title), w, true));
+        } else {
+            rows.push((w.title.to_string(), w, false));
+        }
+    }
+    rows
+}
+
+const RATIOS: [(Kind, Kind, &str); 2] = [
+    (Kind::Torusd, Kind::Nbdkit, "torusd/nbdkit"),
+    (Kind::Cluster, Kind::Torusd, "R3/R1"),
+];
+
+fn markdown(results: &[ServerResult], header: &str) -> String {
+    let find = |k: Kind| results.iter().find(|r| r.kind == k);
+    let ratios: Vec<_> = RATIOS
+        .iter()
+        .filter(|(a, b, _)| find(*a).is_some() && find(*b).is_some())
+        .collect();
+    let mut s = format!("{header}\n\n| Workload |");
+    for r in results {
+        s += &format!(" {} |", r.kind.label());
+    }
+    for (_, _, name) in &ratios {
+        s += &format!(" {name} |");
+    }
+    s += "\n|---|";
+    s += &"---:|".repeat(results.len() + ratios.len());
+    s += "\n";
+    for (label, w, p99) in rows() {
+        s += &format!("| {label} |");
+        for r in results {
+            s += &format!(" {} |", cell(r, w, p99).0);
+        }
+        for (a, b, _) in &ratios {
+            let x = find(*a).and_then(|r| cell(r, w, p99).1);
+            let y = find(*b).and_then(|r| cell(r, w, p99).1);
+            match (x, y) {
+                (Some(x), Some(y)) if y > 0.0 => s += &format!(" {:.2}× |", x / y),
+                _ => s += " n/a |",
+            }
+        }
+        s += "\n";
+    }
+    s += "\nPeak RSS (VmHWM, MiB):\n\n";
+    for r in results {
+        let procs: Vec<String> = r.rss.iter().map(|(n, v)| format!("{n} {v:.1}")).collect();
+        let mut line = format!("- {}: ", r.kind.label());
+        if procs.is_empty() {
+            line += "n/a";
+        } else if procs.len() == 1 {
+            line += &format!("{:.1}", r.rss[0].1);
+        } else {
+            let total: f64 = r.rss.iter().map(|(_, v)| v).sum();
+            line += &format!("{} (total {total:.1})", procs.join(", "));
+        }
+        for (n, v) in &r.helper_rss {
+            line += &format!("; {n} {v:.1} (not counted)");
+        }
+        s += &line;
+        s += "\n";
+    }
+    s
+}
+
+fn json_report(results: &[ServerResult], config: Value) -> Value {
+    let find = |k: Kind| results.iter().find(|r| r.kind == k);
+    let mut ratios = serde_json::Map::new();
+    for (a, b, name) in RATIOS {
+        let (Some(ra), Some(rb)) = (find(a), find(b)) else {
+            continue;
+        };
+        let mut m = serde_json::Map::new();
+        for (_, w, p99) in rows() {
+            let key = if w.metric == Metric::Latency {
+                format!("{}.{}", w.id, if p99 { "p99_us" } else { "mean_us" })
+            } else {
+                w.id.to_string()
+            };
+            let v = match (cell(ra, w, p99).1, cell(rb, w, p99).1) {
+                (Some(x), Some(y)) if y > 0.0 => json!(x / y),
+                _ => Value::Null,
+            };
+            m.insert(key, v);
+        }
+        ratios.insert(name.to_string(), Value::Object(m));
+    }
+    let workloads: Vec<Value> = WORKLOADS
+        .iter()
+        .map(|w| {
+            json!({
+                "id": w.id, "title": w.title, "rw": w.rw, "bs": w.bs,
+                "iodepth": w.iodepth, "numjobs": w.numjobs,
+                "unit": match w.metric {
+                    Metric::Bandwidth => "MB/s",
+                    Metric::Iops => "IOPS",
+                    Metric::Latency => "us",
+                },
+            })
+        })
+        .collect();
+    json!({
+        "tool": "torus-bench",
+        "config": config,
+        "workloads": workloads,
+        "servers": results.iter().map(ServerResult::json).collect::<Vec<_>>(),
+        "ratios": ratios,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Main
+
+/// Programs needed for the chosen servers, with their Debian packages.
+fn preflight(args: &Args, kinds: &[Kind]) -> Res<(PathBuf, PathBuf)> {
+    let on_path = |p: &str| {
+        std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file()))
+            .unwrap_or(false)
+    };
+    let mut need = vec![("fio", "fio"), ("nbdinfo", "libnbd-bin")];
+    if kinds.contains(&Kind::Nbdkit) {
+        need.push(("nbdkit", "nbdkit"));
+    }
+    if kinds.contains(&Kind::QemuNbd) {
+        need.push(("qemu-nbd", "qemu-utils"));
+    }
+    let mut missing: Vec<String> = need
+        .iter()
+        .filter(|(p, _)| !on_path(p))
+        .map(|(p, pkg)| format!("`{p}` is not installed: install the Debian package `{pkg}`"))
+        .collect();
+    if kinds.contains(&Kind::Cluster) && !Path::new(ETCD_BIN).is_file() {
+        missing.push(format!(
+            "`{ETCD_BIN}` is not installed: install the Debian package `etcd-server`"
+        ));
+    }
+    if !missing.is_empty() {
+        missing.push("(scripts/bench installs them all: it runs scripts/deps.sh test)".into());
+        return Err(missing.join("\n"));
+    }
+    if on_path("fio") {
+        let ok = Command::new("fio")
+            .arg("--enghelp=nbd")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err("this fio has no nbd engine (`fio --enghelp=nbd` fails): install Debian's `fio`, built with libnbd".into());
+        }
+    }
+    let dir = match (&args.bin_dir, args.release) {
+        (Some(d), _) => d.clone(),
+        (None, true) => {
+            let own = torus_integration::bin_dir();
+            own.parent().map(|p| p.join("release")).unwrap_or(own)
+        }
+        (None, false) => torus_integration::bin_dir(),
+    };
+    let torus_bins = kinds
+        .iter()
+        .any(|k| matches!(k, Kind::Torusd | Kind::Cluster));
+    let (torusd, torusctl) = (dir.join("torusd"), dir.join("torusctl"));
+    if torus_bins && !(torusd.is_file() && torusctl.is_file()) {
+        return Err(format!(
+            "torusd/torusctl not found in {}: build them (`cargo build --release --bin torusd --bin torusctl`) or pass --bin-dir",
+            dir.display()
+        ));
+    }
+    Ok((torusd, torusctl))
+}
+
+/// The 1-minute load average: other work on the machine skews the figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut kinds = args.only.clone();
+    kinds.sort();
+    kinds.dedup();
+    let (torusd, torusctl) = match preflight(&args, &kinds) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("torus-bench: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let base = args.dir.clone().unwrap_or_else(|| {
+        let vt = PathBuf::from("/var/tmp");
+        if vt.is_dir() {
+            vt
+        } else {
+            PathBuf::from(".")
+        }
+    });
+    let work = match tempfile::Builder::new()
+        .prefix("torus-bench-")
+        .tempdir_in(&base)
+    {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!(
+                "torus-bench: cannot make a work directory in {}: {e}",
+                base.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let logs = work.path().join("logs");
+    if let Err(e) = std::fs::create_dir_all(&logs) {
+        eprintln!("torus-bench: {}: {e}", logs.display());
+        return ExitCode::from(1);
+    }
+    // etcd's data directory (EtcdServer makes a tempdir) on the same disk.
+    // Set before any thread starts (reads of the environment race with it).
+    std::env::set_var("TMPDIR", work.path());
+    install_signal_guard();
+
+    let ctx = Ctx {
+        size: args.size,
+        runtime: args.runtime,
+        ramp: args.ramp,
+        torusd: torusd.clone(),
+        torusctl,
+        logs,
+    };
+    let fio_version = Command::new("fio")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "torus-bench: volume {} MiB, {} s per workload (+{} s ramp), work dir {}, torusd {}",
+        ctx.size / MIB,
+        ctx.runtime,
+        ctx.ramp,
+        work.path().display(),
+        torusd.display()
+    );
+    let load_start = loadavg();
+    let started = Instant::now();
+    let mut results = Vec::new();
+    for &k in &kinds {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        results.push(bench_server(&ctx, work.path(), k));
+    }
+    let elapsed = started.elapsed().as_secs();
+    let load_end = loadavg();
+
+    let header = format!(
+        "fio {} `--ioengine=nbd` over 127.0.0.1, volume {} MiB, {} s per workload after {} s ramp, \
+         no flushes during runs (writes are write-back cached by every server); data under {}. \
+         Ratios: value/value (for latency rows, >1 = slower). Total {} s; \
+         1-min load average {} at start, {} at end ({} CPUs).",
+        fio_version.trim_start_matches("fio-"),
+        ctx.size / MIB,
+        ctx.runtime,
+        ctx.ramp,
+        base.display(),
+        elapsed,
+        load_start,
+        load_end,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    print!("{}", markdown(&results, &header));
+
+    let mut failed = INTERRUPTED.load(Ordering::SeqCst);
+    if let Some(path) = &args.json {
+        let config = json!({
+            "size_bytes": ctx.size,
+            "runtime_s": ctx.runtime,
+            "ramp_s": ctx.ramp,
+            "dir": base.display().to_string(),
+            "fio": fio_version,
+            "torusd": ctx.torusd.display().to_string(),
+            "elapsed_s": elapsed,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+        });
+        let report = json_report(&results, config);
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("torus-bench: cannot write {}: {e}", path.display());
+            failed = true;
+        }
+    }
+    for r in &results {
+        if let Some(e) = &r.error {
+            eprintln!("torus-bench: {} failed: {e}", r.kind.label());
+        }
+        for (id, o) in &r.outcomes {
+            if let Outcome::Failed(e) = o {
+                eprintln!("torus-bench: {} {id} failed: {e}", r.kind.label());
+            }
+        }
+    }
+    failed |= results.iter().any(ServerResult::failed);
+    if failed || args.keep {
+        let kept = work.keep();
+        eprintln!("torus-bench: logs kept in {}", kept.join("logs").display());
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        ExitCode::from(130)
+    } else if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
