@@ -152,8 +152,30 @@ pub async fn update_ring(
     ))
 }
 
+/// Refuse a ring change while volumes exist.
+///
+/// Chunks are not moved when the ring changes yet (rebalancing is still to
+/// come), so a chunk written under one ring would be looked for on other
+/// peers under the next and read as zeros. Until chunks move, membership is
+/// fixed once data exists.
+async fn refuse_if_volumes(meta: &dyn MetadataStore) -> Result<()> {
+    let volumes = crate::catalog::list(meta).await?;
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "the ring cannot change while volumes exist ({} now): chunks are not rebalanced yet, so data placed by the current ring would become unreachable",
+        volumes.len()
+    )))
+}
+
 /// Add members to the ring (members already in it keep their weight).
+/// Refused while volumes exist (see [`refuse_if_volumes`]).
 pub async fn add_members(meta: &dyn MetadataStore, members: &[RingMember]) -> Result<Ring> {
+    let (current, _) = ring(meta).await?;
+    if members.iter().any(|m| !current.contains(m.id)) {
+        refuse_if_volumes(meta).await?;
+    }
     update_ring(meta, |ring| {
         let mut changed = false;
         for m in members {
@@ -167,8 +189,13 @@ pub async fn add_members(meta: &dyn MetadataStore, members: &[RingMember]) -> Re
     .await
 }
 
-/// Take members out of the ring (absent ones are ignored).
+/// Take members out of the ring (absent ones are ignored). Refused while
+/// volumes exist (see [`refuse_if_volumes`]).
 pub async fn remove_members(meta: &dyn MetadataStore, peers: &[PeerId]) -> Result<Ring> {
+    let (current, _) = ring(meta).await?;
+    if peers.iter().any(|p| current.contains(*p)) {
+        refuse_if_volumes(meta).await?;
+    }
     update_ring(meta, |ring| {
         let before = ring.members.len();
         ring.members.retain(|m| !peers.contains(&m.id));

@@ -204,7 +204,14 @@ impl Node {
                 id: node.inner.opts.id,
                 weight: node.store().capacity(),
             };
-            cluster::add_members(&*node.inner.meta, &[me]).await?;
+            match cluster::add_members(&*node.inner.meta, &[me]).await {
+                Ok(_) => {}
+                // Not fatal: the node serves volumes and can join later.
+                Err(Error::Unsupported(why)) => {
+                    tracing::warn!("not joining the ring: {why}");
+                }
+                Err(e) => return Err(e),
+            }
         }
         // Watch before collecting garbage, so a delete in between is not missed.
         let watch = node
