@@ -4,5 +4,6 @@
 //! - [`storage`]: `BlockStore` for memory, files, mmap and object stores, and a
 //!   fault-injecting decorator for tests.
 
+pub mod duration_text;
 pub mod metadata;
 pub mod storage;

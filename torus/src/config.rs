@@ -55,10 +55,10 @@ pub struct MetadataConfig {
     /// etcd endpoints (`HOST:PORT`), for `backend = "etcd"`.
     pub endpoints: Vec<String>,
     /// How long to wait for a connection to etcd.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "torus_backends::duration_text")]
     pub dial_timeout: Duration,
     /// How long one etcd request may take before it fails.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "torus_backends::duration_text")]
     pub request_timeout: Duration,
     /// CA certificate to verify etcd with (turns on TLS).
     pub ca_file: Option<PathBuf>,
@@ -131,7 +131,7 @@ pub struct ClusterConfig {
 pub struct NodeConfig {
     /// Time to live of the node's lease: how long after it dies its volume
     /// locks are released and it shows as DOWN.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "torus_backends::duration_text")]
     pub lease_ttl: Duration,
     /// Address advertised to operators and peers (defaults to the NBD address).
     pub address: Option<String>,
@@ -250,31 +250,6 @@ pub fn strip_scheme(addr: &str) -> &str {
         .map(|(_, rest)| rest)
         .unwrap_or(addr)
         .trim_end_matches('/')
-}
-
-/// Durations as human strings ("10s", "2m") or whole seconds.
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(Duration::from_secs(n)),
-            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
-                serde::de::Error::custom(format!("bad duration {t:?}: {e} (examples: 10s, 2m)"))
-            }),
-        }
-    }
 }
 
 /// Values given on the command line; `None` leaves the lower layers' value.

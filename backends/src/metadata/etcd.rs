@@ -75,10 +75,10 @@ pub struct EtcdConfig {
     /// `host:port` or `https://host:port`).
     pub endpoints: Vec<String>,
     /// How long `connect` may take to reach the cluster.
-    #[serde(with = "duration_text")]
+    #[serde(with = "crate::duration_text")]
     pub dial_timeout: Duration,
     /// Upper bound of every request, retries of reads included.
-    #[serde(with = "duration_text")]
+    #[serde(with = "crate::duration_text")]
     pub request_timeout: Duration,
     /// TLS towards etcd (server verified against `ca_file`; client
     /// certificate when `cert_file` and `key_file` are given).
@@ -808,31 +808,6 @@ fn tls_options(tls: &EtcdTls) -> Result<ec::TlsOptions> {
         }
     }
     Ok(options)
-}
-
-/// Durations as humantime strings ("5s", "500ms") or whole seconds.
-mod duration_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(Duration::from_secs(n)),
-            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
-                serde::de::Error::custom(format!("bad duration {t:?}: {e} (examples: 5s, 500ms)"))
-            }),
-        }
-    }
 }
 
 #[cfg(test)]

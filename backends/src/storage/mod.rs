@@ -26,8 +26,8 @@
 
 mod alloc;
 mod chunk_dir;
-pub mod file;
 pub mod faulty;
+pub mod file;
 pub mod memory;
 pub mod mmap;
 pub mod object;
