@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use torus_backends::metadata::{EtcdConfig, EtcdMetadata, EtcdTls, MemoryMetadata, SledMetadata};
-use torus_backends::storage::{FileBlockStore, MemoryBlockStore, MmapBlockStore};
+use torus_backends::storage::{FileBlockStore, MemoryBlockStore, MmapBlockStore, ObjectBlockStore};
 use torus_frontends::nbd::{NbdFrontend, NbdOptions};
 use torus_traits::{
     BlockStore, Error, Frontend, MetadataStore, PeerId, PeerTransport, Result, VolumeProvider,
@@ -130,13 +130,20 @@ pub async fn cluster_record(cfg: &Config, meta: &dyn MetadataStore) -> Result<Cl
 }
 
 /// Open the configured block store for `chunk_size`.
-pub fn open_store(cfg: &Config, chunk_size: u64) -> Result<Arc<dyn BlockStore>> {
+pub async fn open_store(cfg: &Config, chunk_size: u64) -> Result<Arc<dyn BlockStore>> {
     let cap = cfg.storage.size.0;
     let dir = cfg.data_dir.join("blocks");
     Ok(match cfg.storage.backend {
         StorageBackend::Memory => Arc::new(MemoryBlockStore::new(chunk_size, cap)),
         StorageBackend::File => Arc::new(FileBlockStore::open(&dir, chunk_size, cap)?),
         StorageBackend::Mmap => Arc::new(MmapBlockStore::open(&dir, chunk_size, cap)?),
+        StorageBackend::Object => {
+            let url = cfg.storage.url.as_deref().ok_or_else(|| {
+                Error::InvalidArgument("storage.url is required for the object backend".into())
+            })?;
+            let cache = cfg.data_dir.join("object-cache");
+            Arc::new(ObjectBlockStore::from_url(url, &cache, chunk_size, cap).await?)
+        }
     })
 }
 
@@ -167,7 +174,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
     let id = load_or_create_id(&cfg.data_dir)?;
     let meta = open_metadata(cfg).await?;
     let cluster = cluster_record(cfg, &*meta).await?;
-    let store = open_store(cfg, cluster.chunk_size)?;
+    let store = open_store(cfg, cluster.chunk_size).await?;
     let address = cfg
         .node
         .address

@@ -46,6 +46,9 @@ pub enum StorageBackend {
     Mmap,
     /// In memory; everything is lost on exit. For tests.
     Memory,
+    /// Chunks as objects in an object store (`storage.url`), behind a local
+    /// write-back cache under `data_dir/object-cache`; FLUSH uploads.
+    Object,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +88,9 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// Size of the storage pool this node contributes.
     pub size: ByteSize,
+    /// For `backend = "object"`: `s3://bucket/prefix`, `file:///dir` or
+    /// `memory://`. S3 credentials come from the environment (`AWS_*`).
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +189,7 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: StorageBackend::File,
             size: ByteSize(2 << 30),
+            url: None,
         }
     }
 }
@@ -432,6 +439,12 @@ impl Config {
             return bad(
                 "metadata.cert_file",
                 "cert_file and key_file go together".into(),
+            );
+        }
+        if self.storage.backend == StorageBackend::Object && self.storage.url.is_none() {
+            return bad(
+                "storage.url",
+                "backend \"object\" needs a url such as s3://bucket/prefix or file:///dir".into(),
             );
         }
         if self.node.lease_ttl < Duration::from_secs(1) {
