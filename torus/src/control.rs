@@ -17,7 +17,8 @@ use torus_traits::{Error, MetadataStore, PeerId, Result, Ring, RingMember};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub record: VolumeRecord,
-    /// `healthy` (all copies present); later also `degraded`, `rebuilding`.
+    /// `healthy` (every copy current) or `degraded` (some replica of some
+    /// chunk is recorded stale and awaits a rebuild).
     pub status: String,
     /// Address of the node that has it open for writing, if any.
     pub open_on: Option<String>,
@@ -99,9 +100,13 @@ impl Control for MetaControl {
             let open_on = catalog::get_lock(&*self.meta, record.id)
                 .await?
                 .map(|(l, _)| l.address);
+            // Any replica recorded as stale makes the volume degraded until
+            // it is rebuilt.
+            let prefix = crate::replication::degraded_prefix(record.id);
+            let degraded = !self.meta.range(prefix.as_bytes()).await?.is_empty();
             out.push(VolumeStatus {
                 record,
-                status: "healthy".into(),
+                status: if degraded { "degraded" } else { "healthy" }.into(),
                 open_on,
             });
         }
