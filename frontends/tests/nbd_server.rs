@@ -713,3 +713,25 @@ async fn shutdown_finishes_in_flight_requests_and_returns() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_replies_is_disconnected() {
+    within(60, async {
+        let options = NbdOptions {
+            reply_timeout: Duration::from_secs(1),
+            ..NbdOptions::default()
+        };
+        let srv = TestServer::start(options).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        // Ask for far more reply data than socket buffers hold, never read it.
+        for h in 0..96u64 {
+            c.send_request(0, 0, h, (h % 16) * MIB, MIB as u32, &[])
+                .await;
+        }
+        // The writer gives up, the connection ends, the handle is released.
+        srv.wait_handles_released("alpha").await;
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}

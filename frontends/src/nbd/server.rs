@@ -74,6 +74,10 @@ pub struct NbdOptions {
     pub shutdown_grace: Duration,
     /// Open every volume read-only and advertise `NBD_FLAG_READ_ONLY`.
     pub read_only: bool,
+    /// Longest a reply may take to be written to the client. A client that
+    /// stops reading replies is disconnected after this, so it cannot keep
+    /// its volume (and the volume's writer lock) open forever.
+    pub reply_timeout: Duration,
 }
 
 impl Default for NbdOptions {
@@ -85,6 +89,7 @@ impl Default for NbdOptions {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             read_only: false,
+            reply_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -595,7 +600,12 @@ async fn transmission(
     let (tx, rx) = mpsc::channel(options.max_in_flight);
     // Aborted if this connection task is (after the shutdown grace period),
     // so a writer stuck on a client that stopped reading cannot outlive it.
-    let mut writer = AbortOnDrop(tokio::spawn(write_replies(wr, rx, peer)));
+    let mut writer = AbortOnDrop(tokio::spawn(write_replies(
+        wr,
+        rx,
+        peer,
+        options.reply_timeout,
+    )));
     let slots = Arc::new(Semaphore::new(options.max_in_flight));
     let mut conn = Conn {
         rd,
@@ -912,21 +922,39 @@ async fn write_replies(
     mut wr: BufWriter<OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Reply>,
     peer: SocketAddr,
+    limit: Duration,
 ) {
+    // Every socket write is bounded: a client that stops reading must not
+    // pin this connection (and its volume handle) forever.
+    async fn bounded<F: std::future::Future<Output = io::Result<()>>>(
+        limit: Duration,
+        f: F,
+    ) -> io::Result<()> {
+        tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client did not read replies in time",
+            ))
+        })
+    }
     let result: io::Result<()> = async {
         while let Some(reply) = rx.recv().await {
-            write_reply(&mut wr, reply).await?;
+            bounded(limit, write_reply(&mut wr, reply)).await?;
             // Batch whatever else is ready before paying for a flush.
             while let Ok(reply) = rx.try_recv() {
-                write_reply(&mut wr, reply).await?;
+                bounded(limit, write_reply(&mut wr, reply)).await?;
             }
-            wr.flush().await?;
+            bounded(limit, wr.flush()).await?;
         }
-        wr.shutdown().await
+        bounded(limit, wr.shutdown()).await
     }
     .await;
     if let Err(e) = result {
-        debug!(%peer, "writing NBD replies failed: {e}");
+        if e.kind() == io::ErrorKind::TimedOut {
+            warn!(%peer, "disconnecting an NBD client that stopped reading replies");
+        } else {
+            debug!(%peer, "writing NBD replies failed: {e}");
+        }
     }
     // Dropping `rx` releases the permits of replies never written, and makes
     // the reader stop.
