@@ -76,6 +76,49 @@ impl Error {
         }
     }
 
+    /// The text of a kind that carries only a message; `None` for
+    /// `LeaseNotFound` and `Io`, which carry more.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            Error::NotFound(m)
+            | Error::AlreadyExists(m)
+            | Error::NoSpace(m)
+            | Error::InvalidArgument(m)
+            | Error::Fenced(m)
+            | Error::Locked(m)
+            | Error::ReadOnly(m)
+            | Error::Unavailable(m)
+            | Error::Timeout(m)
+            | Error::Corrupt(m)
+            | Error::Unsupported(m)
+            | Error::Closed(m)
+            | Error::Other(m) => Some(m),
+            Error::LeaseNotFound(_) | Error::Io { .. } => None,
+        }
+    }
+
+    /// Rebuild a message-only error from its [`kind_name`](Error::kind_name)
+    /// and [`message`](Error::message); `None` for other names.
+    pub fn from_kind_name(kind: &str, message: String) -> Option<Error> {
+        let m = message;
+        Some(match kind {
+            "not_found" => Error::NotFound(m),
+            "already_exists" => Error::AlreadyExists(m),
+            "no_space" => Error::NoSpace(m),
+            "invalid_argument" => Error::InvalidArgument(m),
+            "fenced" => Error::Fenced(m),
+            "locked" => Error::Locked(m),
+            "read_only" => Error::ReadOnly(m),
+            "unavailable" => Error::Unavailable(m),
+            "timeout" => Error::Timeout(m),
+            "corrupt" => Error::Corrupt(m),
+            "unsupported" => Error::Unsupported(m),
+            "closed" => Error::Closed(m),
+            "other" => Error::Other(m),
+            _ => return None,
+        })
+    }
+
     /// A short stable name for the kind, for logs and wire codes.
     pub fn kind_name(&self) -> &'static str {
         match self {
@@ -95,5 +138,40 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Other(_) => "other",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_kinds_round_trip_through_their_names() {
+        let all = [
+            Error::NotFound("m".into()),
+            Error::AlreadyExists("m".into()),
+            Error::NoSpace("m".into()),
+            Error::InvalidArgument("m".into()),
+            Error::Fenced("m".into()),
+            Error::Locked("m".into()),
+            Error::ReadOnly("m".into()),
+            Error::Unavailable("m".into()),
+            Error::Timeout("m".into()),
+            Error::Corrupt("m".into()),
+            Error::Unsupported("m".into()),
+            Error::Closed("m".into()),
+            Error::Other("m".into()),
+        ];
+        for e in all {
+            let back = Error::from_kind_name(e.kind_name(), "m".into()).expect("rebuilt");
+            assert_eq!(back.kind_name(), e.kind_name());
+            assert_eq!(back.message(), Some("m"));
+        }
+        let lease = Error::LeaseNotFound(7);
+        assert_eq!(lease.message(), None);
+        assert!(Error::from_kind_name(lease.kind_name(), "x".into()).is_none());
+        let io = Error::io("ctx", std::io::Error::other("boom"));
+        assert_eq!(io.message(), None);
+        assert!(Error::from_kind_name("io", "x".into()).is_none());
     }
 }

@@ -76,40 +76,15 @@ impl IntoResponse for ApiError {
 /// The message without the kind prefix `Display` adds, so the client can
 /// rebuild the same error without repeating it.
 fn message_of(e: &Error) -> String {
-    match e {
-        Error::NotFound(m)
-        | Error::AlreadyExists(m)
-        | Error::NoSpace(m)
-        | Error::InvalidArgument(m)
-        | Error::Fenced(m)
-        | Error::Locked(m)
-        | Error::ReadOnly(m)
-        | Error::Unavailable(m)
-        | Error::Timeout(m)
-        | Error::Corrupt(m)
-        | Error::Unsupported(m)
-        | Error::Closed(m)
-        | Error::Other(m) => m.clone(),
-        other => other.to_string(),
-    }
+    e.message()
+        .map(str::to_owned)
+        .unwrap_or_else(|| e.to_string())
 }
 
+/// Kinds that carry more than a message (lease ids, I/O context) arrive as
+/// `Other`, with their full text.
 fn error_from(kind: &str, m: String) -> Error {
-    match kind {
-        "not_found" => Error::NotFound(m),
-        "already_exists" => Error::AlreadyExists(m),
-        "no_space" => Error::NoSpace(m),
-        "invalid_argument" => Error::InvalidArgument(m),
-        "fenced" => Error::Fenced(m),
-        "locked" => Error::Locked(m),
-        "read_only" => Error::ReadOnly(m),
-        "unavailable" => Error::Unavailable(m),
-        "timeout" => Error::Timeout(m),
-        "corrupt" => Error::Corrupt(m),
-        "unsupported" => Error::Unsupported(m),
-        "closed" => Error::Closed(m),
-        _ => Error::Other(m),
-    }
+    Error::from_kind_name(kind, m.clone()).unwrap_or(Error::Other(m))
 }
 
 type ApiResult<T> = std::result::Result<Json<T>, ApiError>;

@@ -519,19 +519,10 @@ fn put_error(buf: &mut BytesMut, e: &Error) {
             buf.put_slice(context.as_bytes());
             buf.put_slice(truncate_text(&source.to_string()).as_bytes());
         }
-        Error::NotFound(m)
-        | Error::AlreadyExists(m)
-        | Error::NoSpace(m)
-        | Error::InvalidArgument(m)
-        | Error::Fenced(m)
-        | Error::Locked(m)
-        | Error::ReadOnly(m)
-        | Error::Unavailable(m)
-        | Error::Timeout(m)
-        | Error::Corrupt(m)
-        | Error::Unsupported(m)
-        | Error::Closed(m)
-        | Error::Other(m) => buf.put_slice(truncate_text(m).as_bytes()),
+        other => {
+            let text = other.message().unwrap_or_default();
+            buf.put_slice(truncate_text(text).as_bytes());
+        }
     }
 }
 
