@@ -7,7 +7,9 @@
 
 use crate::catalog::{self, VolumeRecord};
 use crate::cluster::{self, ClusterRecord, InitParams};
+use crate::keys;
 use crate::peers::{self, PeerStatus};
+use crate::replication::DEGRADED;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -95,22 +97,37 @@ impl Control for MetaControl {
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>> {
-        let mut out = Vec::new();
-        for record in catalog::list(&*self.meta).await? {
-            let open_on = catalog::get_lock(&*self.meta, record.id)
-                .await?
-                .map(|(l, _)| l.address);
-            // Any replica recorded as stale makes the volume degraded until
-            // it is rebuilt.
-            let prefix = crate::replication::degraded_prefix(record.id);
-            let degraded = !self.meta.range(prefix.as_bytes()).await?.is_empty();
-            out.push(VolumeStatus {
-                record,
-                status: if degraded { "degraded" } else { "healthy" }.into(),
-                open_on,
-            });
+        // Three ranges in all, not two requests per volume.
+        let mut open_on = std::collections::HashMap::new();
+        for kv in self.meta.range(keys::LOCKS.as_bytes()).await? {
+            if let Some(id) = keys::volume_id_after(keys::LOCKS, &kv.key) {
+                let lock: catalog::LockRecord = crate::codec::decode(&kv.key, &kv.value)?;
+                open_on.insert(id, lock.address);
+            }
         }
-        Ok(out)
+        // Any replica recorded as stale makes the volume degraded until it
+        // is rebuilt.
+        let degraded: std::collections::HashSet<_> = self
+            .meta
+            .range(DEGRADED.as_bytes())
+            .await?
+            .iter()
+            .filter_map(|kv| keys::volume_id_after(DEGRADED, &kv.key))
+            .collect();
+        Ok(catalog::list(&*self.meta)
+            .await?
+            .into_iter()
+            .map(|record| VolumeStatus {
+                status: if degraded.contains(&record.id) {
+                    "degraded"
+                } else {
+                    "healthy"
+                }
+                .into(),
+                open_on: open_on.remove(&record.id),
+                record,
+            })
+            .collect())
     }
 
     async fn delete_volume(&self, name: &str) -> Result<VolumeRecord> {

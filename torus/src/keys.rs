@@ -32,8 +32,15 @@ pub fn volume_by_id(id: VolumeId) -> Vec<u8> {
 }
 
 pub fn volume_id_from_key(key: &[u8]) -> Option<VolumeId> {
-    let rest = key.strip_prefix(VOLUMES_BY_ID.as_bytes())?;
-    std::str::from_utf8(rest).ok()?.parse().ok().map(VolumeId)
+    volume_id_after(VOLUMES_BY_ID, key)
+}
+
+/// The volume id that follows `prefix` in `key` (up to the next `/`), for
+/// every per-volume key family: records, locks, degraded replicas.
+pub fn volume_id_after(prefix: &str, key: &[u8]) -> Option<VolumeId> {
+    let rest = key.strip_prefix(prefix.as_bytes())?;
+    let id = rest.split(|&b| b == b'/').next()?;
+    std::str::from_utf8(id).ok()?.parse().ok().map(VolumeId)
 }
 
 pub fn lock(id: VolumeId) -> Vec<u8> {
@@ -55,5 +62,14 @@ mod tests {
         assert!(a < b);
         assert_eq!(volume_id_from_key(&b), Some(VolumeId(10)));
         assert_eq!(volume_id_from_key(b"/torus/other"), None);
+        assert_eq!(
+            volume_id_after(LOCKS, &lock(VolumeId(42))),
+            Some(VolumeId(42))
+        );
+        let degraded = format!("/torus/degraded/{:020}/{:020}/peer", 7, 3);
+        assert_eq!(
+            volume_id_after("/torus/degraded/", degraded.as_bytes()),
+            Some(VolumeId(7))
+        );
     }
 }
