@@ -349,6 +349,13 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         while let Ok(frame) = queue.try_recv() {
             write_frame(&mut out, &frame).await?;
         }
+        // Let tasks that are already runnable queue their frames first (a
+        // woken task runs right after its waker, so without this each frame
+        // would cost its own send).
+        tokio::task::yield_now().await;
+        while let Ok(frame) = queue.try_recv() {
+            write_frame(&mut out, &frame).await?;
+        }
         out.flush().await?;
     }
     out.shutdown().await

@@ -807,6 +807,15 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
+/// Largest write done on the calling task instead of the blocking pool.
+///
+/// A small buffered write only copies into the page cache: a few
+/// microseconds, less than handing it to a blocking-pool thread and waking
+/// the task again (two context switches, which dominated small replicated
+/// writes in profiles). Larger writes, reads (which may wait for the disk)
+/// and flushes still go to the pool.
+pub(crate) const INLINE_WRITE_MAX: usize = 64 * 1024;
+
 /// Runs one of the engine's blocking operations on tokio's blocking pool.
 pub(crate) async fn blocking<H: ChunkIo, T: Send + 'static>(
     dir: &Arc<ChunkDir<H>>,
@@ -852,6 +861,9 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 data: bytes::Bytes,
             ) -> torus_traits::Result<()> {
+                if data.len() <= $crate::storage::chunk_dir::INLINE_WRITE_MAX {
+                    return self.dir.write(chunk, offset, &data);
+                }
                 $crate::storage::chunk_dir::blocking(&self.dir, move |d| {
                     d.write(chunk, offset, &data)
                 })
