@@ -828,7 +828,8 @@ pub(crate) async fn blocking<H: ChunkIo, T: Send + 'static>(
 }
 
 /// Implements `BlockStore` for a store type holding `dir: Arc<ChunkDir<_>>`,
-/// running every operation that does I/O on the blocking pool.
+/// running every operation that does I/O on the blocking pool except small
+/// writes (see [`INLINE_WRITE_MAX`]).
 macro_rules! chunk_dir_block_store {
     ($store:ty) => {
         #[async_trait::async_trait]

@@ -7,8 +7,10 @@
 //! punches holes, and `flush` is `fdatasync` of every file written since the
 //! last flush plus `fsync` of every directory whose entries changed.
 //!
-//! Every operation that touches the disk runs on tokio's blocking pool
-//! (`spawn_blocking`), so a slow disk stalls no async task. Files are read
+//! Reads, flushes and large writes run on tokio's blocking pool
+//! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
+//! 64 KiB only copy into the page cache and run on the calling task, which
+//! is cheaper than the hand-off (see `chunk_dir::INLINE_WRITE_MAX`). Files are read
 //! and written concurrently through one shared descriptor each: `pread` and
 //! `pwrite` need no lock.
 
