@@ -88,6 +88,12 @@ pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
     /// Fills `buf` with the bytes at `offset`. `buf` arrives zeroed, and
     /// `alloc` tells which blocks hold data (the others read as zeros).
     fn read(&self, offset: u64, buf: &mut [u8], alloc: &Bitmap) -> io::Result<()>;
+    /// Like `read`, but only when it needs no disk I/O: `Ok(false)` means
+    /// "not done, read with `read` on the blocking pool" (`buf` may then hold
+    /// part of the data). By default nothing can be read that way.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Called before a write that allocates blocks, with its byte range. An
     /// error means nothing was written (the write fails and its reservation
     /// is returned); by default there is nothing to do.
@@ -330,6 +336,33 @@ impl<H: ChunkIo> ChunkDir<H> {
                 .map_err(|e| chunk.io_error("reading", e))?;
         }
         Ok(Bytes::from(buf))
+    }
+
+    /// `read`, if it can be done without waiting for the disk: from the
+    /// page cache through an already open descriptor. `None`: use `read`.
+    pub(crate) fn read_cached(&self, id: ChunkRef, offset: u64, len: u64) -> Result<Option<Bytes>> {
+        check_range(id, offset, len, self.chunk_size)?;
+        let mut buf = vec![0u8; len as usize];
+        let Some(chunk) = self.lookup(id) else {
+            return Ok(Some(Bytes::from(buf))); // never written: zeros
+        };
+        let handle = {
+            let st = lock(&chunk.state);
+            if st.deleted {
+                return Ok(Some(Bytes::from(buf)));
+            }
+            // Opening a file may wait for the disk; leave that to `read`.
+            match &st.handle {
+                Some(h) => h.clone(),
+                None => return Ok(None),
+            }
+        };
+        chunk.referenced.store(true, Ordering::Relaxed);
+        match handle.read_cached(offset, &mut buf, &chunk.alloc) {
+            Ok(true) => Ok(Some(Bytes::from(buf))),
+            Ok(false) => Ok(None),
+            Err(e) => Err(chunk.io_error("reading", e)),
+        }
     }
 
     pub(crate) fn write(&self, id: ChunkRef, offset: u64, data: &[u8]) -> Result<()> {
@@ -807,13 +840,15 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
-/// Largest write done on the calling task instead of the blocking pool.
+/// Largest write, and largest read served from the page cache, done on the
+/// calling task instead of the blocking pool.
 ///
 /// A small buffered write only copies into the page cache: a few
 /// microseconds, less than handing it to a blocking-pool thread and waking
 /// the task again (two context switches, which dominated small replicated
-/// writes in profiles). Larger writes, reads (which may wait for the disk)
-/// and flushes still go to the pool.
+/// writes in profiles). Reads try the page cache without blocking first
+/// (`RWF_NOWAIT`) and go to the pool only when the disk must be read.
+/// Larger I/O and flushes always go to the pool.
 pub(crate) const INLINE_WRITE_MAX: usize = 64 * 1024;
 
 /// Runs one of the engine's blocking operations on tokio's blocking pool.
@@ -852,6 +887,11 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 len: u64,
             ) -> torus_traits::Result<bytes::Bytes> {
+                if len <= $crate::storage::chunk_dir::INLINE_WRITE_MAX as u64 {
+                    if let Some(data) = self.dir.read_cached(chunk, offset, len)? {
+                        return Ok(data);
+                    }
+                }
                 $crate::storage::chunk_dir::blocking(&self.dir, move |d| d.read(chunk, offset, len))
                     .await
             }

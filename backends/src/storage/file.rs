@@ -10,7 +10,8 @@
 //! Reads, flushes and large writes run on tokio's blocking pool
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
-//! is cheaper than the hand-off (see `chunk_dir::INLINE_WRITE_MAX`). Files are read
+//! is cheaper than the hand-off, and so do reads of up to 64 KiB that the
+//! page cache holds (see `chunk_dir::INLINE_WRITE_MAX`). Files are read
 //! and written concurrently through one shared descriptor each: `pread` and
 //! `pwrite` need no lock.
 
@@ -100,6 +101,19 @@ impl ChunkIo for FileChunk {
         Ok(())
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
+        // Bounded: every pass reads at least one byte or returns.
+        let mut done = 0;
+        while done < buf.len() {
+            match sys::pread_cached(&self.file, &mut buf[done..], offset + done as u64)? {
+                Some(0) => break, // end of file: the rest stays zeros
+                Some(n) => done += n,
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)
     }
@@ -110,5 +124,42 @@ impl ChunkIo for FileChunk {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         sys::punch_hole(&self.file, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use torus_traits::{ChunkRef, VolumeId};
+
+    #[test]
+    fn small_reads_come_from_the_page_cache_only_through_open_files() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let chunk = ChunkRef::new(VolumeId(1), 0);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        {
+            let store = FileBlockStore::open(tmp.path(), 1 << 20, 8 << 20).expect("open");
+            store.dir.write(chunk, 4096, &data).expect("write");
+            // Just written: cached, and the descriptor is open.
+            let got = store.dir.read_cached(chunk, 0, 16384).expect("read");
+            let got = got.expect("served from the page cache");
+            assert_eq!(&got[..4096], &[0u8; 4096][..], "hole before the data");
+            assert_eq!(&got[4096..12288], &data[..]);
+            assert_eq!(&got[12288..], &[0u8; 4096][..], "past the end of the file");
+            // A chunk never written reads as zeros without any I/O.
+            let other = ChunkRef::new(VolumeId(1), 3);
+            let zeros = store.dir.read_cached(other, 0, 4096).expect("read");
+            assert_eq!(zeros.as_deref(), Some(&[0u8; 4096][..]));
+        }
+        // Reopened: no descriptor is open yet, so the read is left to the
+        // blocking path, which still returns the data.
+        let store = FileBlockStore::open(tmp.path(), 1 << 20, 8 << 20).expect("reopen");
+        assert!(store
+            .dir
+            .read_cached(chunk, 0, 4096)
+            .expect("read")
+            .is_none());
+        let got = store.dir.read(chunk, 4096, 8192).expect("read");
+        assert_eq!(&got[..], &data[..]);
     }
 }

@@ -1,6 +1,7 @@
 //! The few Linux calls std does not expose: finding data and holes in a
 //! sparse file (`lseek` `SEEK_DATA`/`SEEK_HOLE`), allocating and punching
 //! blocks (`fallocate`), starting writeback early (`sync_file_range`),
+//! reading only what the page cache holds (`preadv2` with `RWF_NOWAIT`),
 //! dropping cached pages (`posix_fadvise`) and the descriptor limit
 //! (`getrlimit`). Each wrapper takes a borrowed `File`, so the
 //! descriptor is valid for the duration of the call.
@@ -106,4 +107,28 @@ pub(crate) fn open_files_soft_limit() -> Option<u64> {
     // SAFETY: getrlimit writes one `rlimit` through a pointer to a live local.
     let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     (r == 0).then_some(lim.rlim_cur)
+}
+
+/// Reads at `offset` only if that needs no disk I/O (`preadv2` with
+/// `RWF_NOWAIT`): `Some(n)` bytes read (0 at the end of the file), or `None`
+/// when the data is not all cached or the file system cannot tell.
+pub(crate) fn pread_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let offset = off_t(offset)?;
+    // SAFETY: one iovec describing `buf`, which is valid and exclusively
+    // borrowed for the call; the descriptor is kept open by `file`.
+    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    usize::try_from(r)
+        .map(Some)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
