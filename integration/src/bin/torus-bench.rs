@@ -8,7 +8,16 @@
 //! - `cluster R3`: three `torusd` nodes on a real etcd
 //!   (`torusctl --etcd E init --replication 3`), fio against node A;
 //! - `nbdkit file`: `nbdkit file` on a sparse file (reference);
-//! - `qemu-nbd raw`: `qemu-nbd -f raw` on a sparse file (reference).
+//! - `qemu-nbd raw`: `qemu-nbd -f raw` on a sparse file (reference);
+//! - `torusd R1 large`: the same single node with a large sparse volume
+//!   (`--large-size`, 16 GiB by default), to show that throughput does not
+//!   depend on the volume's size (its prefill writes the whole volume, so
+//!   the disk needs that much free space).
+//!
+//! Then the metadata operations on the embedded default: a fresh `torusd`,
+//! `--volumes` (1,000) runs of `torusctl volume create-block`, then
+//! `torusctl volume list` with that many volumes, each timed as a user sees
+//! it (the whole `torusctl` process).
 //!
 //! Every server keeps its data under one work directory (same disk) and
 //! serves a volume of the same size. Workloads: 1 MiB sequential write and
@@ -81,9 +90,15 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "torusd,cluster,nbdkit,qemu-nbd"
+        default_value = "torusd,cluster,nbdkit,qemu-nbd,torusd-large"
     )]
     only: Vec<Kind>,
+    /// Volume size of the `torusd-large` run.
+    #[arg(long, default_value = "16GiB", value_parser = parse_size)]
+    large_size: u64,
+    /// Volumes created for the metadata timings (0: skip them).
+    #[arg(long, default_value_t = 1000)]
+    volumes: usize,
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -134,6 +149,7 @@ enum Kind {
     Cluster,
     Nbdkit,
     QemuNbd,
+    TorusdLarge,
 }
 
 impl Kind {
@@ -143,6 +159,7 @@ impl Kind {
             Kind::Cluster => "cluster",
             Kind::Nbdkit => "nbdkit",
             Kind::QemuNbd => "qemu-nbd",
+            Kind::TorusdLarge => "torusd-large",
         }
     }
     fn label(self) -> &'static str {
@@ -151,6 +168,7 @@ impl Kind {
             Kind::Cluster => "cluster R3",
             Kind::Nbdkit => "nbdkit file",
             Kind::QemuNbd => "qemu-nbd raw",
+            Kind::TorusdLarge => "torusd R1 large",
         }
     }
 }
@@ -637,8 +655,10 @@ fn free_port() -> Res<u16> {
 // Starting the servers
 
 /// Settings shared by every server run.
+#[derive(Clone)]
 struct Ctx {
     size: u64,
+    large_size: u64,
     runtime: u64,
     ramp: u64,
     torusd: PathBuf,
@@ -1026,8 +1046,18 @@ fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
     let label = kind.label();
     eprintln!("== {label}: starting");
     let dir = work.join(kind.id());
+    let large;
+    let ctx = if kind == Kind::TorusdLarge {
+        large = Ctx {
+            size: ctx.large_size,
+            ..ctx.clone()
+        };
+        &large
+    } else {
+        ctx
+    };
     let started = match kind {
-        Kind::Torusd => start_single(ctx, &dir),
+        Kind::Torusd | Kind::TorusdLarge => start_single(ctx, &dir),
         Kind::Cluster => start_cluster(ctx, &dir),
         Kind::Nbdkit | Kind::QemuNbd => start_reference(ctx, kind, &dir),
     };
@@ -1108,6 +1138,115 @@ fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
 }
 
 // ---------------------------------------------------------------------------
+// Metadata operations
+
+/// Wall times of `torusctl` runs against the embedded default, in ms.
+struct MetaFigures {
+    volumes: usize,
+    create: Vec<f64>,
+    list: Vec<f64>,
+    /// `torusctl --version`: what starting the program alone costs.
+    start: Vec<f64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The value at quantile `q` (0..=1) of `v`, sorted in place.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// A fresh single node; `volumes` runs of `volume create-block`, then five of
+/// `volume list`, each timed as a whole `torusctl` process.
+fn metadata_bench(ctx: &Ctx, work: &Path, volumes: usize) -> Res<MetaFigures> {
+    let dir = work.join("metadata");
+    let (proc, _nbd, admin) = start_torusd(ctx, "torusd-metadata", &dir, &[])?;
+    let running = Running {
+        uri: String::new(),
+        procs: vec![proc],
+        etcd: None,
+    };
+    let target = ["--server", admin.as_str()];
+    let timed = |args: &[&str]| -> Res<(f64, String)> {
+        interrupted()?;
+        let t = Instant::now();
+        let out = ctx.ctl(&target, args)?;
+        Ok((ms(t.elapsed()), out))
+    };
+    let result = (|| {
+        let mut f = MetaFigures {
+            volumes,
+            create: Vec::with_capacity(volumes),
+            list: Vec::new(),
+            start: Vec::new(),
+        };
+        for _ in 0..5 {
+            f.start.push(timed(&["--version"])?.0);
+        }
+        for i in 0..volumes {
+            let name = format!("meta{i:05}");
+            f.create
+                .push(timed(&["volume", "create-block", &name, "1GiB"])?.0);
+        }
+        for _ in 0..5 {
+            let (t, out) = timed(&["volume", "list"])?;
+            let listed = out.lines().filter(|l| l.starts_with("meta")).count();
+            if listed != volumes {
+                return Err(format!("volume list showed {listed} of {volumes} volumes"));
+            }
+            f.list.push(t);
+        }
+        Ok(f)
+    })();
+    let problems = running.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let f = result?;
+    if let Some(p) = problems.first() {
+        return Err(p.clone());
+    }
+    Ok(f)
+}
+
+fn metadata_markdown(f: &MetaFigures) -> String {
+    let (mut c, mut l, mut st) = (f.create.clone(), f.list.clone(), f.start.clone());
+    format!(
+        "\nMetadata operations (embedded default, wall time of each `torusctl` run, ms; target < 100):\n\n\
+         - `volume create-block` ×{}: mean {:.1}, p99 {:.1}, max {:.1}\n\
+         - `volume list` with {} volumes (5 runs): median {:.1}, max {:.1}\n\
+         - `torusctl --version` alone (process start, 5 runs): median {:.1}\n",
+        f.volumes,
+        mean(&c),
+        quantile(&mut c, 0.99),
+        quantile(&mut c, 1.0),
+        f.volumes,
+        quantile(&mut l, 0.5),
+        quantile(&mut l, 1.0),
+        quantile(&mut st, 0.5),
+    )
+}
+
+fn metadata_json(f: &MetaFigures) -> Value {
+    let (mut c, mut l, mut st) = (f.create.clone(), f.list.clone(), f.start.clone());
+    json!({
+        "volumes": f.volumes,
+        "create_block_ms": {"mean": mean(&c), "p99": quantile(&mut c, 0.99), "max": quantile(&mut c, 1.0)},
+        "list_ms": {"median": quantile(&mut l, 0.5), "max": quantile(&mut l, 1.0)},
+        "torusctl_start_ms": {"median": quantile(&mut st, 0.5)},
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Report
 
 fn fmt_num(x: f64) -> String {
@@ -1149,9 +1288,10 @@ fn rows() -> Vec<(String, &'static Workload, bool)> {
     rows
 }
 
-const RATIOS: [(Kind, Kind, &str); 2] = [
+const RATIOS: [(Kind, Kind, &str); 3] = [
     (Kind::Torusd, Kind::Nbdkit, "torusd/nbdkit"),
     (Kind::Cluster, Kind::Torusd, "R3/R1"),
+    (Kind::TorusdLarge, Kind::Torusd, "large/R1"),
 ];
 
 fn markdown(results: &[ServerResult], header: &str) -> String {
@@ -1304,7 +1444,8 @@ fn preflight(args: &Args, kinds: &[Kind]) -> Res<(PathBuf, PathBuf)> {
     };
     let torus_bins = kinds
         .iter()
-        .any(|k| matches!(k, Kind::Torusd | Kind::Cluster));
+        .any(|k| matches!(k, Kind::Torusd | Kind::Cluster | Kind::TorusdLarge))
+        || args.volumes > 0;
     let (torusd, torusctl) = (dir.join("torusd"), dir.join("torusctl"));
     if torus_bins && !(torusd.is_file() && torusctl.is_file()) {
         return Err(format!(
@@ -1313,6 +1454,20 @@ fn preflight(args: &Args, kinds: &[Kind]) -> Res<(PathBuf, PathBuf)> {
         ));
     }
     Ok((torusd, torusctl))
+}
+
+/// Bytes available to this user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Res<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| "path contains a NUL byte".to_string())?;
+    // SAFETY: statvfs writes only into `st`, a properly sized local; `path`
+    // is a valid NUL-terminated string for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The 1-minute load average: other work on the machine skews the figures.
@@ -1343,6 +1498,28 @@ fn main() -> ExitCode {
             PathBuf::from(".")
         }
     });
+    if kinds.contains(&Kind::TorusdLarge) {
+        // The large run's prefill writes the whole volume; fail before
+        // starting rather than fill the disk halfway through.
+        let need = args.large_size + 2 * args.size + (2 << 30);
+        match free_bytes(&base) {
+            Ok(free) if free < need => {
+                eprintln!(
+                    "torus-bench: {} has {} MiB free; the torusd-large run needs about {} MiB \
+                     (use --large-size, --dir elsewhere, or leave torusd-large out of --only)",
+                    base.display(),
+                    free / MIB,
+                    need / MIB
+                );
+                return ExitCode::from(1);
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "torus-bench: warning: free space of {}: {e}",
+                base.display()
+            ),
+        }
+    }
     let work = match tempfile::Builder::new()
         .prefix("torus-bench-")
         .tempdir_in(&base)
@@ -1368,6 +1545,7 @@ fn main() -> ExitCode {
 
     let ctx = Ctx {
         size: args.size,
+        large_size: args.large_size,
         runtime: args.runtime,
         ramp: args.ramp,
         torusd: torusd.clone(),
@@ -1396,16 +1574,31 @@ fn main() -> ExitCode {
         }
         results.push(bench_server(&ctx, work.path(), k));
     }
+    let mut meta_error = None;
+    let meta = if args.volumes > 0 && !INTERRUPTED.load(Ordering::SeqCst) {
+        eprintln!("== metadata: {} volumes", args.volumes);
+        match metadata_bench(&ctx, work.path(), args.volumes) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("== metadata: FAILED: {e}");
+                meta_error = Some(e);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let elapsed = started.elapsed().as_secs();
     let load_end = loadavg();
 
     let header = format!(
-        "fio {} `--ioengine=nbd` over 127.0.0.1, volume {} MiB, {} s per workload after {} s ramp, \
+        "fio {} `--ioengine=nbd` over 127.0.0.1, volume {} MiB (large: {} MiB), {} s per workload after {} s ramp, \
          no flushes during runs (writes are write-back cached by every server); data under {}. \
          Ratios: value/value (for latency rows, >1 = slower). Total {} s; \
          1-min load average {} at start, {} at end ({} CPUs).",
         fio_version.trim_start_matches("fio-"),
         ctx.size / MIB,
+        ctx.large_size / MIB,
         ctx.runtime,
         ctx.ramp,
         base.display(),
@@ -1415,6 +1608,9 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     print!("{}", markdown(&results, &header));
+    if let Some(f) = &meta {
+        print!("{}", metadata_markdown(f));
+    }
 
     let mut failed = INTERRUPTED.load(Ordering::SeqCst);
     if let Some(path) = &args.json {
@@ -1429,7 +1625,10 @@ fn main() -> ExitCode {
             "loadavg_start": load_start,
             "loadavg_end": load_end,
         });
-        let report = json_report(&results, config);
+        let mut report = json_report(&results, config);
+        if let (Some(f), Some(obj)) = (&meta, report.as_object_mut()) {
+            obj.insert("metadata".into(), metadata_json(f));
+        }
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(path, text + "\n") {
             eprintln!("torus-bench: cannot write {}: {e}", path.display());
@@ -1447,6 +1646,10 @@ fn main() -> ExitCode {
         }
     }
     failed |= results.iter().any(ServerResult::failed);
+    if let Some(e) = &meta_error {
+        eprintln!("torus-bench: metadata timings failed: {e}");
+        failed = true;
+    }
     if failed || args.keep {
         let kept = work.keep();
         eprintln!("torus-bench: logs kept in {}", kept.join("logs").display());
