@@ -88,6 +88,14 @@ pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
     /// Fills `buf` with the bytes at `offset`. `buf` arrives zeroed, and
     /// `alloc` tells which blocks hold data (the others read as zeros).
     fn read(&self, offset: u64, buf: &mut [u8], alloc: &Bitmap) -> io::Result<()>;
+    /// `read` into a new buffer of `len` bytes. The default zero-fills one
+    /// and calls `read`; a store whose reads fill every byte themselves
+    /// skips the zeroing (a large cost for 1 MiB reads).
+    fn read_vec(&self, offset: u64, len: usize, alloc: &Bitmap) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read(offset, &mut buf, alloc)?;
+        Ok(buf)
+    }
     /// Like `read`, but only when it needs no disk I/O: `Ok(false)` means
     /// "not done, read with `read` on the blocking pool" (`buf` may then hold
     /// part of the data). By default nothing can be read that way.
@@ -313,12 +321,12 @@ impl<H: ChunkIo> ChunkDir<H> {
     pub(crate) fn read(&self, id: ChunkRef, offset: u64, len: u64) -> Result<Bytes> {
         check_range(id, offset, len, self.chunk_size)?;
         // Fits: len <= chunk_size, which fits in usize (check_geometry).
-        let mut buf = vec![0u8; len as usize];
+        let zeros = || Ok(Bytes::from(vec![0u8; len as usize]));
         if len == 0 {
             return Ok(Bytes::new());
         }
         let Some(chunk) = self.lookup(id) else {
-            return Ok(Bytes::from(buf));
+            return zeros();
         };
         let opened = {
             let mut st = lock(&chunk.state);
@@ -328,14 +336,17 @@ impl<H: ChunkIo> ChunkDir<H> {
                 self.handle(&chunk, &mut st, false)?
             }
         };
-        if let Some(opened) = opened {
-            self.cache_fresh(&chunk, &opened);
-            opened
-                .handle
-                .read(offset, &mut buf, &chunk.alloc)
-                .map_err(|e| chunk.io_error("reading", e))?;
+        match opened {
+            Some(opened) => {
+                self.cache_fresh(&chunk, &opened);
+                opened
+                    .handle
+                    .read_vec(offset, len as usize, &chunk.alloc)
+                    .map(Bytes::from)
+                    .map_err(|e| chunk.io_error("reading", e))
+            }
+            None => zeros(),
         }
-        Ok(Bytes::from(buf))
     }
 
     /// `read`, if it can be done without waiting for the disk: from the

@@ -101,6 +101,28 @@ impl ChunkIo for FileChunk {
         Ok(())
     }
 
+    fn read_vec(&self, offset: u64, len: usize, _alloc: &Bitmap) -> io::Result<Vec<u8>> {
+        // Read into uninitialised memory; only what lies past the end of the
+        // file (a chunk written only near its start) is zero-filled.
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let done = buf.len();
+            let at = offset + done as u64;
+            let spare = &mut buf.spare_capacity_mut()[..len - done];
+            let n = match sys::pread_uninit(&self.file, spare, at) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // SAFETY: pread initialised the next `n` bytes (n <= the spare
+            // capacity passed in).
+            unsafe { buf.set_len(done + n) };
+        }
+        buf.resize(len, 0);
+        Ok(buf)
+    }
+
     fn read_cached(&self, offset: u64, buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
         // Bounded: every pass reads at least one byte or returns.
         let mut done = 0;

@@ -132,3 +132,18 @@ pub(crate) fn pread_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
         .map(Some)
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
+
+/// `pread` into memory not yet initialised; returns the bytes read (0 at the
+/// end of the file), which are then initialised.
+pub(crate) fn pread_uninit(
+    file: &File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    offset: u64,
+) -> io::Result<usize> {
+    let offset = off_t(offset)?;
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which
+    // is valid and exclusively borrowed for the call; writing to
+    // uninitialised memory is fine. The descriptor is kept open by `file`.
+    let r = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
