@@ -404,6 +404,24 @@ impl Node {
     }
 }
 
+/// While a volume is open for writing here, bring its stale replicas up to
+/// date every `period` (incremental resync; see the replication module).
+async fn resync_loop(volume: Weak<OpenVolume>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(ov) = volume.upgrade() else { return };
+        let epoch = ov.volume.record().epoch;
+        let io = ov.volume.io();
+        // Do not keep the volume open (and locked) just for the resync.
+        drop(ov);
+        match io.resync(epoch).await {
+            Ok(_) => {}
+            Err(Error::Fenced(_)) => return,
+            Err(e) => tracing::warn!("resync pass failed: {e}"),
+        }
+    }
+}
+
 async fn heartbeat_once(inner: &Inner) -> Result<()> {
     let store = inner.replica.store();
     let used = store.used().await?;
@@ -637,6 +655,13 @@ impl VolumeProvider for Node {
             volume: Volume::new(record, chunk_size, io, false),
             node: Arc::downgrade(&self.inner),
         });
+        let period = (self.inner.opts.lease_ttl / 2).max(Duration::from_millis(500));
+        let resync = tokio::spawn(resync_loop(Arc::downgrade(&ov), period));
+        {
+            let mut tasks = lock(&self.inner.tasks);
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(resync);
+        }
         let mut open = lock(&self.inner.open);
         open.insert(name.to_string(), Arc::downgrade(&ov));
         Ok(Arc::new(Handle(ov)))

@@ -19,8 +19,15 @@
 //! - A `Fenced` answer from any replica means a newer writer exists: it is
 //!   returned as is and never marks anything degraded.
 //!
-//! The chunks each peer received since the last flush are also what an
-//! incremental resync needs (issue: self-healing), so they are kept per peer.
+//! **Resync** ([`ReplicatedChunks::resync`], run periodically by the node
+//! holding the volume): a degraded replica that answers again receives only
+//! the chunks it is recorded degraded for, copied from a healthy replica,
+//! then is made durable and its records deleted; a restart of one node
+//! therefore costs a copy of what was written while it was away, not a full
+//! copy. Zero runs are sent as zeroing (holes stay holes). Writes to a
+//! chunk hold a shared lock on its stripe and a resync of the chunk holds it
+//! exclusively, so no write can slip between the copy and the return of the
+//! replica to the chunk's targets.
 
 use crate::codec::{decode, encode};
 use crate::placement;
@@ -129,6 +136,29 @@ pub struct ReplicatedChunks {
     /// One flush at a time: a flush that finds nothing pending must not
     /// return while an earlier one is still making remote replicas durable.
     flush_gate: tokio::sync::Mutex<()>,
+    /// Chunk locks, striped by index: writes shared, resync exclusive.
+    stripes: Vec<tokio::sync::RwLock<()>>,
+    /// One resync pass at a time.
+    resync_gate: tokio::sync::Mutex<()>,
+}
+
+/// Stripes of chunk locks per volume.
+const STRIPES: u64 = 64;
+/// Bytes copied per request during a resync.
+const RESYNC_PIECE: u64 = 256 << 10;
+/// How long a resync waits for a degraded peer to answer a ping.
+const RESYNC_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What one resync pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// Degraded (chunk, replica) pairs brought up to date and healthy again.
+    pub repaired: u64,
+    /// Bytes sent as data (zero runs are sent as zeroing, not counted).
+    pub bytes: u64,
+    /// Pairs left degraded (replica unreachable, no longer a replica, or a
+    /// copy failed); a later pass retries.
+    pub remaining: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -160,7 +190,134 @@ impl ReplicatedChunks {
             degraded: Mutex::new(degraded),
             dirty: Mutex::new(HashMap::new()),
             flush_gate: tokio::sync::Mutex::new(()),
+            stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            resync_gate: tokio::sync::Mutex::new(()),
         })
+    }
+
+    fn stripe(&self, index: u64) -> &tokio::sync::RwLock<()> {
+        // In range: the modulus is the vector's length.
+        &self.stripes[(index % STRIPES) as usize]
+    }
+
+    /// The (chunk index, peer) pairs recorded degraded.
+    pub fn degraded(&self) -> Vec<(u64, PeerId)> {
+        let mut v: Vec<(u64, PeerId)> = lock(&self.degraded)
+            .iter()
+            .flat_map(|(&i, peers)| peers.iter().map(move |&p| (i, p)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Bring degraded replicas that answer again up to date (see the module
+    /// docs). Stops at a `Fenced` answer (a newer writer exists).
+    pub async fn resync(&self, epoch: Epoch) -> Result<ResyncReport> {
+        let _one = self.resync_gate.lock().await;
+        let mut report = ResyncReport::default();
+        let mut alive: HashMap<PeerId, bool> = HashMap::new();
+        for (index, peer) in self.degraded() {
+            let chunk = ChunkRef::new(self.volume, index);
+            let ring = self.link.ring();
+            // A replica no longer placed here is the rebalancer's business.
+            if !placement::replicas(&ring, chunk, self.replication).contains(&peer) {
+                report.remaining += 1;
+                continue;
+            }
+            let up = match alive.get(&peer) {
+                Some(&up) => up,
+                None => {
+                    let ping = self.link.call(peer, PeerRequest::Ping);
+                    let up = matches!(
+                        tokio::time::timeout(RESYNC_PING_TIMEOUT, ping).await,
+                        Ok(Ok(_))
+                    );
+                    alive.insert(peer, up);
+                    up
+                }
+            };
+            if !up {
+                report.remaining += 1;
+                continue;
+            }
+            match self.resync_chunk(chunk, peer, epoch).await {
+                Ok(bytes) => {
+                    report.repaired += 1;
+                    report.bytes += bytes;
+                }
+                Err(e @ Error::Fenced(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%chunk, %peer, "resync failed, will retry: {e}");
+                    report.remaining += 1;
+                    // Likely down again: skip its other chunks this pass.
+                    alive.insert(peer, false);
+                }
+            }
+        }
+        if report.repaired > 0 {
+            tracing::info!(volume = %self.volume, repaired = report.repaired, bytes = report.bytes, remaining = report.remaining, "resync pass");
+        }
+        Ok(report)
+    }
+
+    /// Copy one chunk to a degraded replica, make it durable, and mark the
+    /// replica healthy again. Returns the data bytes sent.
+    async fn resync_chunk(&self, chunk: ChunkRef, peer: PeerId, epoch: Epoch) -> Result<u64> {
+        let _exclusive = self.stripe(chunk.index).write().await;
+        let still = lock(&self.degraded)
+            .get(&chunk.index)
+            .is_some_and(|p| p.contains(&peer));
+        if !still {
+            return Ok(0);
+        }
+        let chunk_size = self.link.local.store().chunk_size();
+        let mut sent = 0;
+        let mut offset = 0;
+        // Bounded: advances by RESYNC_PIECE each pass.
+        while offset < chunk_size {
+            let len = RESYNC_PIECE.min(chunk_size - offset);
+            let data = self.read(chunk, offset, len).await?;
+            let request = if data.iter().all(|&b| b == 0) {
+                PeerRequest::Zero {
+                    chunk,
+                    offset,
+                    len,
+                    epoch,
+                }
+            } else {
+                sent += len;
+                PeerRequest::Write {
+                    chunk,
+                    offset,
+                    data,
+                    epoch,
+                }
+            };
+            self.link.call(peer, request).await?;
+            offset += len;
+        }
+        self.link
+            .call(
+                peer,
+                PeerRequest::Flush {
+                    volume: self.volume,
+                    epoch,
+                },
+            )
+            .await?;
+        self.link
+            .meta
+            .delete(degraded_key(chunk, peer).as_bytes())
+            .await?;
+        let mut degraded = lock(&self.degraded);
+        let empty = degraded.get_mut(&chunk.index).is_some_and(|p| {
+            p.remove(&peer);
+            p.is_empty()
+        });
+        if empty {
+            degraded.remove(&chunk.index);
+        }
+        Ok(sent)
     }
 
     /// The healthy replicas of a chunk, in placement order.
@@ -224,6 +381,9 @@ impl ReplicatedChunks {
 
     /// Send a mutation to every healthy replica; degrade the ones that fail.
     async fn replicate(&self, chunk: ChunkRef, epoch: Epoch, request: PeerRequest) -> Result<()> {
+        // Held until the write is recorded (or its failures are): a resync
+        // of this chunk must not run in between.
+        let _shared = self.stripe(chunk.index).read().await;
         let targets = self.targets(chunk)?;
         let results = join_all(targets.iter().map(|&p| self.link.call(p, request.clone()))).await;
         let mut failed = Vec::new();
@@ -332,6 +492,10 @@ impl ChunkIo for ReplicatedChunks {
             },
         )
         .await
+    }
+
+    async fn resync(&self, epoch: Epoch) -> Result<ResyncReport> {
+        ReplicatedChunks::resync(self, epoch).await
     }
 
     async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {

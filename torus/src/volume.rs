@@ -24,6 +24,11 @@ pub trait ChunkIo: Send + Sync + 'static {
     async fn zero(&self, chunk: ChunkRef, offset: u64, len: u64, epoch: Epoch) -> Result<()>;
     /// Durability barrier for everything written to `volume` so far.
     async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<()>;
+    /// Bring stale replicas up to date (replicated I/O); nothing to do for a
+    /// single local replica.
+    async fn resync(&self, _epoch: Epoch) -> Result<crate::replication::ResyncReport> {
+        Ok(Default::default())
+    }
 }
 
 #[async_trait]

@@ -1,0 +1,194 @@
+//! Incremental resync: a replica that failed while a volume was being written
+//! gets back exactly the chunks written while it was away, from the writer's
+//! degraded records, and becomes healthy again; chunks it already had are not
+//! copied again.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use torus::catalog;
+use torus::cluster::{self, InitParams};
+use torus::node::{Node, NodeOptions};
+use torus::replication::DEGRADED;
+use torus_backends::metadata::MemoryMetadata;
+use torus_backends::storage::faulty::OpSet;
+use torus_backends::storage::{FaultyBlockStore, MemoryBlockStore};
+use torus_traits::{
+    BlockStore, ChunkRef, Error, MetadataStore, PeerId, PeerTransport, Result, VolumeId,
+    VolumeProvider,
+};
+use torus_transports::MemoryNetwork;
+
+const CHUNK: u64 = 256 << 10;
+
+/// Records which chunks received writes or zeroing.
+struct Counting {
+    inner: Arc<dyn BlockStore>,
+    touched: Mutex<BTreeSet<u64>>,
+}
+
+#[async_trait]
+impl BlockStore for Counting {
+    fn chunk_size(&self) -> u64 {
+        self.inner.chunk_size()
+    }
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    async fn used(&self) -> Result<u64> {
+        self.inner.used().await
+    }
+    async fn read(&self, chunk: ChunkRef, offset: u64, len: u64) -> Result<Bytes> {
+        self.inner.read(chunk, offset, len).await
+    }
+    async fn write(&self, chunk: ChunkRef, offset: u64, data: Bytes) -> Result<()> {
+        let r = self.inner.write(chunk, offset, data).await;
+        self.touched.lock().unwrap().insert(chunk.index);
+        r
+    }
+    async fn zero(&self, chunk: ChunkRef, offset: u64, len: u64) -> Result<()> {
+        let r = self.inner.zero(chunk, offset, len).await;
+        self.touched.lock().unwrap().insert(chunk.index);
+        r
+    }
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+    async fn delete_chunk(&self, chunk: ChunkRef) -> Result<()> {
+        self.inner.delete_chunk(chunk).await
+    }
+    async fn list_chunks(&self) -> Result<Vec<ChunkRef>> {
+        self.inner.list_chunks().await
+    }
+}
+
+fn pid(n: u128) -> PeerId {
+    PeerId(uuid::Uuid::from_u128(n))
+}
+
+fn pattern(seed: u8, len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn degraded_count(meta: &dyn MetadataStore) -> usize {
+    meta.range(DEGRADED.as_bytes()).await.unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
+    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
+    cluster::init(
+        &*meta,
+        InitParams {
+            chunk_size: CHUNK,
+            replication: 3,
+        },
+    )
+    .await
+    .unwrap();
+    let net = MemoryNetwork::new();
+    let faulty = FaultyBlockStore::new(Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20)));
+    let control = faulty.control();
+    let counting = Arc::new(Counting {
+        inner: Arc::new(faulty),
+        touched: Mutex::new(BTreeSet::new()),
+    });
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let store: Arc<dyn BlockStore> = if i == 2 {
+            counting.clone()
+        } else {
+            Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20))
+        };
+        let record = cluster::get(&*meta).await.unwrap().unwrap();
+        let t: Arc<dyn PeerTransport> = Arc::new(net.transport());
+        let opts = NodeOptions {
+            id: pid(i + 1),
+            address: format!("node{i}"),
+            transport: Some(t),
+            peer_listen: Some(format!("node{i}")),
+            peer_advertise: None,
+            lease_ttl: Duration::from_secs(2),
+            auto_join: true,
+        };
+        nodes.push(
+            Node::start(opts, meta.clone(), store, record)
+                .await
+                .unwrap(),
+        );
+    }
+    for n in &nodes {
+        n.refresh_cluster_view().await.unwrap();
+    }
+    catalog::create(&*meta, "vol", 8 * CHUNK, 3).await.unwrap();
+    let dev = nodes[0].open("vol", false).await.unwrap();
+
+    // Chunks 0..4 reach every replica.
+    for c in 0..4u64 {
+        dev.write(c * CHUNK, pattern(c as u8, 64 << 10), false)
+            .await
+            .unwrap();
+    }
+    dev.flush().await.unwrap();
+    assert_eq!(degraded_count(&*meta).await, 0);
+
+    // Node 2's disk fails: writes to chunks 5 and 6 (one of them partly
+    // zeroed) are acknowledged without it and recorded degraded.
+    control.fail(
+        OpSet::WRITES.union(OpSet::FLUSH),
+        Error::Unavailable("disk offline".into()),
+    );
+    dev.write(5 * CHUNK + 4096, pattern(5, 100 << 10), false)
+        .await
+        .unwrap();
+    dev.write(6 * CHUNK, pattern(6, CHUNK as usize), false)
+        .await
+        .unwrap();
+    dev.write_zeroes(6 * CHUNK + 8192, 16384, true, false)
+        .await
+        .unwrap();
+    dev.flush().await.unwrap();
+    assert_eq!(
+        degraded_count(&*meta).await,
+        2,
+        "chunks 5 and 6 recorded stale on node 2"
+    );
+
+    // The disk comes back: the writer's periodic resync repairs it.
+    counting.touched.lock().unwrap().clear();
+    control.clear_fail();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while degraded_count(&*meta).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "degraded records still there after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let touched = counting.touched.lock().unwrap().clone();
+    assert_eq!(
+        touched,
+        BTreeSet::from([5, 6]),
+        "only the chunks written while the replica was away are copied"
+    );
+    // Node 2's copy equals the writer's view, byte for byte.
+    for c in 0..8u64 {
+        let chunk = ChunkRef::new(VolumeId(1), c);
+        let want = dev.read(c * CHUNK, CHUNK).await.unwrap();
+        let got = counting.read(chunk, 0, CHUNK).await.unwrap();
+        assert!(got == want, "chunk {c} differs on the resynced replica");
+    }
+    // And it takes writes again (no longer degraded).
+    counting.touched.lock().unwrap().clear();
+    dev.write(5 * CHUNK, pattern(9, 4096), true).await.unwrap();
+    assert!(counting.touched.lock().unwrap().contains(&5));
+    assert_eq!(degraded_count(&*meta).await, 0);
+    drop(dev);
+    for n in &nodes {
+        n.abandon();
+    }
+}
