@@ -4,6 +4,7 @@
 //! Tests never pass by skipping: a missing program is a failure whose message
 //! says what to install (`scripts/deps.sh test` installs everything).
 
+pub mod blockdev;
 pub mod etcd;
 pub mod nbd;
 

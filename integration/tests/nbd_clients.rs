@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
+use torus_integration::blockdev::{self, FuseLoop};
 use torus_integration::{checksum, pattern, require, run_ok, run_with_timeout, Torusd};
 
 const MIB: u64 = 1 << 20;
@@ -181,90 +182,18 @@ fn fio_random_writes_verify_crc32c() {
 }
 
 /// Unmounts, detaches and unmounts FUSE on drop, so a failing test leaves no mounts.
-struct Mounts {
-    fuse_dir: std::path::PathBuf,
-    loopdev: Option<String>,
-    mnt: std::path::PathBuf,
-    fuse: Option<std::process::Child>,
-}
-
-impl Drop for Mounts {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).output();
-        if let Some(l) = &self.loopdev {
-            let _ = Command::new("losetup").arg("-d").arg(l).output();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse_dir)
-            .output();
-        if let Some(mut c) = self.fuse.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn ext4_on_nbdfuse_and_loop_survives_remount_and_fsck() {
-    for p in [
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "mkfs.ext4",
-        "fsck.ext4",
-        "mount",
-        "umount",
-    ] {
+    for p in blockdev::PROGRAMS {
         require(p);
     }
     let dir = tempfile::tempdir().unwrap();
     let t = node(&dir);
     t.ctl_ok(&["volume", "create-block", "fs", "256MiB"]);
-    let fuse_dir = dir.path().join("fuse");
     let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&fuse_dir).unwrap();
-    std::fs::create_dir_all(&mnt).unwrap();
-    let pidfile = dir.path().join("nbdfuse.pid");
-    let fuse = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(fuse_dir.join("disk"))
-        .arg(t.uri("fs"))
-        .spawn()
-        .expect("nbdfuse");
-    let mut m = Mounts {
-        fuse_dir: fuse_dir.clone(),
-        loopdev: None,
-        mnt: mnt.clone(),
-        fuse: Some(fuse),
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !pidfile.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nbdfuse did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let disk = fuse_dir.join("disk");
-    let loopdev = run_ok(
-        Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&disk),
-        Duration::from_secs(30),
-    )
-    .trim()
-    .to_string();
-    m.loopdev = Some(loopdev.clone());
-    run_ok(
-        Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&loopdev),
-        Duration::from_secs(120),
-    );
-    run_ok(
-        Command::new("mount").arg(&loopdev).arg(&mnt),
-        Duration::from_secs(30),
-    );
+    let mut dev = FuseLoop::attach(&t.uri("fs"), dir.path());
+    dev.mkfs_ext4();
+    dev.mount(&mnt);
     let files: Vec<(String, Vec<u8>)> = (0..8)
         .map(|i| {
             (
@@ -278,21 +207,10 @@ fn ext4_on_nbdfuse_and_loop_survives_remount_and_fsck() {
         write_file(&mnt.join("dir").join(name), data);
     }
     run_ok(&mut Command::new("sync"), Duration::from_secs(60));
-    run_ok(Command::new("umount").arg(&mnt), Duration::from_secs(60));
-    let fsck = run_with_timeout(
-        Command::new("fsck.ext4").args(["-n", "-f"]).arg(&loopdev),
-        Duration::from_secs(120),
-    );
-    assert!(
-        fsck.status.success(),
-        "fsck.ext4 -n found problems: {}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
-    run_ok(
-        Command::new("mount").arg(&loopdev).arg(&mnt),
-        Duration::from_secs(30),
-    );
+    dev.umount();
+    let (clean, report) = dev.fsck();
+    assert!(clean, "fsck.ext4 -n found problems: {report}");
+    dev.mount(&mnt);
     for (name, data) in &files {
         let back = std::fs::read(mnt.join("dir").join(name)).expect("read back");
         assert_eq!(
@@ -301,7 +219,6 @@ fn ext4_on_nbdfuse_and_loop_survives_remount_and_fsck() {
             "{name} changed across remount"
         );
     }
-    drop(m);
 }
 
 /// A node whose pool lives in an object store (here `file://`): data copied
