@@ -19,8 +19,9 @@ use torus_traits::{Error, MetadataStore, PeerId, Result, Ring, RingMember};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub record: VolumeRecord,
-    /// `healthy` (every copy current) or `degraded` (some replica of some
-    /// chunk is recorded stale and awaits a rebuild).
+    /// `healthy` (every copy current), `rebuilding` (some replica is
+    /// recorded stale, is alive, and the volume's writer is copying to it)
+    /// or `degraded` (stale replicas that nothing is repairing now).
     pub status: String,
     /// Address of the node that has it open for writing, if any.
     pub open_on: Option<String>,
@@ -106,22 +107,41 @@ impl Control for MetaControl {
             }
         }
         // Any replica recorded as stale makes the volume degraded until it
-        // is rebuilt.
-        let degraded: std::collections::HashSet<_> = self
+        // is rebuilt; it is being rebuilt when the volume is open for
+        // writing (its writer resyncs) and a stale replica is alive.
+        let mut degraded: std::collections::HashMap<_, Vec<PeerId>> = Default::default();
+        for kv in self.meta.range(DEGRADED.as_bytes()).await? {
+            if let Some(id) = keys::volume_id_after(DEGRADED, &kv.key) {
+                let peer = String::from_utf8_lossy(&kv.key)
+                    .rsplit('/')
+                    .next()
+                    .and_then(|p| p.parse::<PeerId>().ok());
+                degraded.entry(id).or_default().extend(peer);
+            }
+        }
+        let alive: std::collections::HashSet<PeerId> = self
             .meta
-            .range(DEGRADED.as_bytes())
+            .range(keys::PEERS.as_bytes())
             .await?
             .iter()
-            .filter_map(|kv| keys::volume_id_after(DEGRADED, &kv.key))
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key);
+                key.strip_prefix(keys::PEERS)?.parse::<PeerId>().ok()
+            })
             .collect();
         Ok(catalog::list(&*self.meta)
             .await?
             .into_iter()
             .map(|record| VolumeStatus {
-                status: if degraded.contains(&record.id) {
-                    "degraded"
-                } else {
-                    "healthy"
+                status: match degraded.get(&record.id) {
+                    None => "healthy",
+                    Some(stale)
+                        if open_on.contains_key(&record.id)
+                            && stale.iter().any(|p| alive.contains(p)) =>
+                    {
+                        "rebuilding"
+                    }
+                    Some(_) => "degraded",
                 }
                 .into(),
                 open_on: open_on.remove(&record.id),

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use torus::catalog;
 use torus::cluster::{self, InitParams};
+use torus::control::{Control, MetaControl};
 use torus::node::{Node, NodeOptions};
 use torus::replication::DEGRADED;
 use torus_backends::metadata::MemoryMetadata;
@@ -74,6 +75,11 @@ fn pattern(seed: u8, len: usize) -> Bytes {
         .collect()
 }
 
+async fn status(meta: &Arc<dyn MetadataStore>) -> String {
+    let list = MetaControl::new(meta.clone()).list_volumes().await.unwrap();
+    list[0].status.clone()
+}
+
 async fn degraded_count(meta: &dyn MetadataStore) -> usize {
     meta.range(DEGRADED.as_bytes()).await.unwrap().len()
 }
@@ -135,6 +141,7 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
     }
     dev.flush().await.unwrap();
     assert_eq!(degraded_count(&*meta).await, 0);
+    assert_eq!(status(&meta).await, "healthy");
 
     // Node 2's disk fails: writes to chunks 5 and 6 (one of them partly
     // zeroed) are acknowledged without it and recorded degraded.
@@ -157,6 +164,8 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
         2,
         "chunks 5 and 6 recorded stale on node 2"
     );
+    // Node 2 is alive and the volume's writer retries: rebuilding.
+    assert_eq!(status(&meta).await, "rebuilding");
 
     // The disk comes back: the writer's periodic resync repairs it.
     counting.touched.lock().unwrap().clear();
@@ -169,6 +178,7 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(status(&meta).await, "healthy");
     let touched = counting.touched.lock().unwrap().clone();
     assert_eq!(
         touched,
