@@ -199,6 +199,9 @@ pub async fn delete(meta: &dyn MetadataStore, name: &str) -> Result<VolumeRecord
                 .and_then([
                     TxnOp::delete(keys::volume_by_name(name)),
                     TxnOp::delete(keys::volume_by_id(record.id)),
+                    // Stale-replica records die with the volume (no writer
+                    // can add one: the lock is absent).
+                    TxnOp::delete_prefix(crate::replication::degraded_prefix(record.id)),
                 ]),
         )
         .await?;

@@ -202,3 +202,28 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
         n.abandon();
     }
 }
+
+#[tokio::test]
+async fn deleting_a_volume_forgets_its_stale_replica_records() {
+    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
+    cluster::init(
+        &*meta,
+        InitParams {
+            chunk_size: CHUNK,
+            replication: 3,
+        },
+    )
+    .await
+    .unwrap();
+    let keep = catalog::create(&*meta, "keep", CHUNK, 3).await.unwrap();
+    let gone = catalog::create(&*meta, "gone", CHUNK, 3).await.unwrap();
+    for v in [keep.id, gone.id] {
+        let key = torus::replication::degraded_key(ChunkRef::new(v, 0), pid(9));
+        meta.put(key.as_bytes(), b"{}", None).await.unwrap();
+    }
+    catalog::delete(&*meta, "gone").await.unwrap();
+    let left = meta.range(DEGRADED.as_bytes()).await.unwrap();
+    assert_eq!(left.len(), 1, "only the deleted volume's records go");
+    assert!(String::from_utf8_lossy(&left[0].key)
+        .starts_with(&torus::replication::degraded_prefix(keep.id)));
+}
