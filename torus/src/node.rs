@@ -389,9 +389,15 @@ impl Node {
         futures::future::join_all(calls).await;
     }
 
-    async fn chunk_io(&self, record: &VolumeRecord) -> Result<Arc<dyn ChunkIo>> {
-        let io =
-            ReplicatedChunks::open(self.inner.link.clone(), record.id, record.replication).await?;
+    /// Chunk I/O for a volume: the writer's own view of stale replicas, or
+    /// (`follow`) a reader's view that follows the writer's records.
+    async fn chunk_io(&self, record: &VolumeRecord, follow: bool) -> Result<Arc<dyn ChunkIo>> {
+        let link = self.inner.link.clone();
+        if follow {
+            let io = ReplicatedChunks::open_following(link, record.id, record.replication).await?;
+            return Ok(io);
+        }
+        let io = ReplicatedChunks::open(link, record.id, record.replication).await?;
         Ok(Arc::new(io))
     }
 
@@ -624,7 +630,7 @@ impl VolumeProvider for Node {
         let chunk_size = self.inner.cluster.chunk_size;
         if read_only {
             let (record, _) = catalog::get_by_name(&*self.inner.meta, name).await?;
-            let io = self.chunk_io(&record).await?;
+            let io = self.chunk_io(&record, true).await?;
             return Ok(Arc::new(Volume::new(record, chunk_size, io, true)));
         }
         let _gate = self.inner.open_gate.lock().await;
@@ -641,7 +647,7 @@ impl VolumeProvider for Node {
         )
         .await?;
         tracing::info!(volume = %name, epoch = record.epoch.0, "volume opened for writing");
-        let io = match self.chunk_io(&record).await {
+        let io = match self.chunk_io(&record, false).await {
             Ok(io) => io,
             Err(e) => {
                 let _ =

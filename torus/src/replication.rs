@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use torus_traits::{
-    ChunkRef, Epoch, Error, MetadataStore, PeerId, PeerRequest, PeerResponse, PeerTransport,
-    Result, Ring, Txn, TxnOp, VolumeId,
+    ChunkRef, Epoch, Error, EventKind, MetadataStore, PeerId, PeerRequest, PeerResponse,
+    PeerTransport, Result, Ring, Txn, TxnOp, VolumeId,
 };
 
 /// Prefix of degraded-replica records: `/torus/degraded/<volume>/<index>/<peer>`.
@@ -140,6 +140,79 @@ pub struct ReplicatedChunks {
     stripes: Vec<tokio::sync::RwLock<()>>,
     /// One resync pass at a time.
     resync_gate: tokio::sync::Mutex<()>,
+    /// A reader's task following the writer's degraded records.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for ReplicatedChunks {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.follower).take() {
+            task.abort();
+        }
+    }
+}
+
+/// `(chunk index, peer)` of a degraded-record key.
+fn parse_degraded_key(key: &[u8]) -> Result<(u64, PeerId)> {
+    let text = String::from_utf8_lossy(key);
+    let mut parts = text.rsplit('/');
+    let peer = parts.next().and_then(|p| p.parse::<PeerId>().ok());
+    let index = parts.next().and_then(|i| i.parse::<u64>().ok());
+    match (index, peer) {
+        (Some(i), Some(p)) => Ok((i, p)),
+        _ => Err(Error::Corrupt(format!("bad degraded-replica key {text}"))),
+    }
+}
+
+async fn load_degraded(
+    meta: &dyn MetadataStore,
+    volume: VolumeId,
+) -> Result<HashMap<u64, HashSet<PeerId>>> {
+    let mut degraded: HashMap<u64, HashSet<PeerId>> = HashMap::new();
+    for kv in meta.range(degraded_prefix(volume).as_bytes()).await? {
+        let (index, peer) = parse_degraded_key(&kv.key)?;
+        degraded.entry(index).or_default().insert(peer);
+    }
+    Ok(degraded)
+}
+
+/// A reader's follower: applies the writer's changes to degraded records;
+/// when the watch breaks, watches again and reloads. Ends with the reader.
+async fn follow_degraded(
+    io: std::sync::Weak<ReplicatedChunks>,
+    meta: Arc<dyn MetadataStore>,
+    volume: VolumeId,
+    mut watch: torus_traits::WatchStream,
+) {
+    use futures::StreamExt;
+    loop {
+        while let Some(event) = watch.next().await {
+            let Some(io) = io.upgrade() else { return };
+            match event {
+                Ok(ev) => io.apply_degraded(&ev.kv.key, ev.kind == EventKind::Put),
+                Err(e) => {
+                    tracing::debug!(%volume, "degraded-record watch broke: {e}");
+                    break;
+                }
+            }
+        }
+        // Bounded by the reader's life: every pass first checks it is alive.
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let Some(io) = io.upgrade() else { return };
+            let Ok(w) = meta.watch(degraded_prefix(volume).as_bytes()).await else {
+                continue;
+            };
+            match load_degraded(&*meta, volume).await {
+                Ok(fresh) => {
+                    *lock(&io.degraded) = fresh;
+                    watch = w;
+                    break;
+                }
+                Err(e) => tracing::debug!(%volume, "reloading degraded records: {e}"),
+            }
+        }
+    }
 }
 
 /// Stripes of chunk locks per volume.
@@ -168,21 +241,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ReplicatedChunks {
     /// Open replicated I/O for `volume`, loading its degraded records.
     pub async fn open(link: ClusterLink, volume: VolumeId, replication: u32) -> Result<Self> {
-        let mut degraded: HashMap<u64, HashSet<PeerId>> = HashMap::new();
-        for kv in link.meta.range(degraded_prefix(volume).as_bytes()).await? {
-            let key = String::from_utf8_lossy(&kv.key).into_owned();
-            let mut parts = key.rsplit('/');
-            let peer = parts.next().and_then(|p| p.parse::<PeerId>().ok());
-            let index = parts.next().and_then(|i| i.parse::<u64>().ok());
-            match (peer, index) {
-                (Some(p), Some(i)) => {
-                    degraded.entry(i).or_default().insert(p);
-                }
-                _ => {
-                    return Err(Error::Corrupt(format!("bad degraded-replica key {key}")));
-                }
-            }
-        }
+        let degraded = load_degraded(&*link.meta, volume).await?;
         Ok(ReplicatedChunks {
             link,
             volume,
@@ -192,7 +251,41 @@ impl ReplicatedChunks {
             flush_gate: tokio::sync::Mutex::new(()),
             stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
             resync_gate: tokio::sync::Mutex::new(()),
+            follower: Mutex::new(None),
         })
+    }
+
+    /// Open replicated I/O for a reader that is not the volume's writer: its
+    /// view of stale replicas follows the writer's records in metadata (a
+    /// watch), so it never reads a replica recorded stale after it opened.
+    pub async fn open_following(
+        link: ClusterLink,
+        volume: VolumeId,
+        replication: u32,
+    ) -> Result<Arc<Self>> {
+        let meta = link.meta.clone();
+        // Watch first, then load: no change between the two is missed.
+        let watch = meta.watch(degraded_prefix(volume).as_bytes()).await?;
+        let io = Arc::new(ReplicatedChunks::open(link, volume, replication).await?);
+        let task = tokio::spawn(follow_degraded(Arc::downgrade(&io), meta, volume, watch));
+        *lock(&io.follower) = Some(task);
+        Ok(io)
+    }
+
+    /// Apply one change of a degraded record seen in metadata.
+    fn apply_degraded(&self, key: &[u8], present: bool) {
+        let Ok((index, peer)) = parse_degraded_key(key) else {
+            return;
+        };
+        let mut degraded = lock(&self.degraded);
+        if present {
+            degraded.entry(index).or_default().insert(peer);
+        } else if let Some(p) = degraded.get_mut(&index) {
+            p.remove(&peer);
+            if p.is_empty() {
+                degraded.remove(&index);
+            }
+        }
     }
 
     fn stripe(&self, index: u64) -> &tokio::sync::RwLock<()> {

@@ -84,8 +84,8 @@ async fn degraded_count(meta: &dyn MetadataStore) -> usize {
     meta.range(DEGRADED.as_bytes()).await.unwrap().len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
+/// Three nodes, replication 3, node 2 on `store2`; a volume "vol" of 8 chunks.
+async fn three_nodes(store2: Arc<dyn BlockStore>) -> (Arc<dyn MetadataStore>, Vec<Node>) {
     let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
     cluster::init(
         &*meta,
@@ -97,16 +97,10 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
     .await
     .unwrap();
     let net = MemoryNetwork::new();
-    let faulty = FaultyBlockStore::new(Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20)));
-    let control = faulty.control();
-    let counting = Arc::new(Counting {
-        inner: Arc::new(faulty),
-        touched: Mutex::new(BTreeSet::new()),
-    });
     let mut nodes = Vec::new();
     for i in 0..3 {
         let store: Arc<dyn BlockStore> = if i == 2 {
-            counting.clone()
+            store2.clone()
         } else {
             Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20))
         };
@@ -131,6 +125,18 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
         n.refresh_cluster_view().await.unwrap();
     }
     catalog::create(&*meta, "vol", 8 * CHUNK, 3).await.unwrap();
+    (meta, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
+    let faulty = FaultyBlockStore::new(Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20)));
+    let control = faulty.control();
+    let counting = Arc::new(Counting {
+        inner: Arc::new(faulty),
+        touched: Mutex::new(BTreeSet::new()),
+    });
+    let (meta, nodes) = three_nodes(counting.clone()).await;
     let dev = nodes[0].open("vol", false).await.unwrap();
 
     // Chunks 0..4 reach every replica.
@@ -226,4 +232,40 @@ async fn deleting_a_volume_forgets_its_stale_replica_records() {
     assert_eq!(left.len(), 1, "only the deleted volume's records go");
     assert!(String::from_utf8_lossy(&left[0].key)
         .starts_with(&torus::replication::degraded_prefix(keep.id)));
+}
+
+/// A reader opened before a replica went stale stops reading that replica
+/// (here its own local copy) once the writer records it stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_follows_the_writers_stale_replica_records() {
+    let faulty = FaultyBlockStore::new(Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20)));
+    let control = faulty.control();
+    let (_meta, nodes) = three_nodes(Arc::new(faulty)).await;
+    let dev = nodes[0].open("vol", false).await.unwrap();
+    dev.write(CHUNK, pattern(1, 4096), true).await.unwrap();
+    // Node 2 reads its own local copy by preference.
+    let reader = nodes[2].open("vol", true).await.unwrap();
+    assert_eq!(reader.read(CHUNK, 4096).await.unwrap(), pattern(1, 4096));
+
+    // Node 2's disk stops taking writes: the new data is acknowledged
+    // without it, and node 2's copy is now stale.
+    control.fail(OpSet::WRITES, Error::Unavailable("disk offline".into()));
+    dev.write(CHUNK, pattern(2, 4096), true).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = reader.read(CHUNK, 4096).await.unwrap();
+        if got == pattern(2, 4096) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reader still reads its stale local copy 10 s after it was recorded stale"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(reader);
+    drop(dev);
+    for n in &nodes {
+        n.abandon();
+    }
 }
