@@ -1,0 +1,217 @@
+//! `torusblk`: attach Torus volumes on a client machine.
+//!
+//! - `torusblk nbd VOLUME [/dev/nbdX]`, `torusblk nbd --detach /dev/nbdX`
+//! - `torusblk nbdserve [--listen ADDR]`
+//! - the FlexVolume driver calls kubelet makes (`init`, `mount DIR JSON`,
+//!   `unmount DIR`, …): installed as `<plugin dir>/coreos.com~torus/torus`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use torusblk::attach::{self, AttachRequest, AttacherKind};
+use torusblk::flex::{self, Call, Reply};
+use torusblk::{client, driver, kernel};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "torusblk",
+    version,
+    about = "Attach Torus volumes: kernel NBD devices, a standalone NBD server, and the Kubernetes FlexVolume driver (init, mount DIR JSON, unmount DIR)"
+)]
+struct Args {
+    /// etcd endpoints of the cluster, HOST:PORT[,HOST:PORT…].
+    #[arg(long, short = 'C', global = true, env = "TORUS_ETCD", default_value = flex::DEFAULT_ETCD)]
+    etcd: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Attach VOLUME to a kernel NBD device and serve it until detached or signalled.
+    Nbd {
+        /// The volume to attach.
+        #[arg(required_unless_present = "detach")]
+        volume: Option<String>,
+        /// The device (default: the first free /dev/nbdN).
+        device: Option<PathBuf>,
+        /// Detach this device instead.
+        #[arg(long, value_name = "DEVICE", conflicts_with_all = ["volume", "device"])]
+        detach: Option<PathBuf>,
+        /// Attach read-only (takes no lock).
+        #[arg(long)]
+        read_only: bool,
+        /// Pass discards (TRIM) to the volume.
+        #[arg(long)]
+        trim: bool,
+    },
+    /// Serve every volume of the cluster over NBD, without a storage pool.
+    Nbdserve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Serve every volume read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// The attach process a FlexVolume mount leaves behind (internal).
+    #[command(hide = true)]
+    AttachDaemon {
+        #[arg(long)]
+        volume: String,
+        #[arg(long, value_parser = ["kernel", "nbdfuse"])]
+        attacher: String,
+        #[arg(long)]
+        work_dir: PathBuf,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long)]
+        trim: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    // FlexVolume calls: kubelet reads stdout and stderr together as one JSON
+    // object, so they print exactly that and nothing else.
+    if argv.first().is_some_and(|a| flex::is_flex_call(a)) {
+        let reply = flexvolume(&argv);
+        println!("{}", reply.to_json());
+        return ExitCode::from(reply.exit_code() as u8);
+    }
+    let args = Args::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("torusblk: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match args.command {
+        Cmd::Nbd {
+            detach: Some(dev), ..
+        } => match kernel::detach(&dev) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("torusblk: {e}");
+                1
+            }
+        },
+        Cmd::Nbd {
+            volume,
+            device,
+            read_only,
+            trim,
+            ..
+        } => {
+            let kind = match AttacherKind::from_env() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("torusblk: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let work_dir = std::env::temp_dir().join(format!("torusblk-{}", std::process::id()));
+            let req = AttachRequest {
+                volume: volume.unwrap_or_default(),
+                etcd: args.etcd,
+                kind,
+                device,
+                work_dir: work_dir.clone(),
+                read_only,
+                trim,
+            };
+            let code = runtime.block_on(attach::run(req));
+            let _ = std::fs::remove_dir_all(work_dir);
+            code
+        }
+        Cmd::AttachDaemon {
+            volume,
+            attacher,
+            work_dir,
+            read_only,
+            trim,
+        } => {
+            let kind = if attacher == "nbdfuse" {
+                AttacherKind::Nbdfuse
+            } else {
+                AttacherKind::Kernel
+            };
+            runtime.block_on(attach::run(AttachRequest {
+                volume,
+                etcd: args.etcd,
+                kind,
+                device: None,
+                work_dir,
+                read_only,
+                trim,
+            }))
+        }
+        Cmd::Nbdserve { listen, read_only } => {
+            match runtime.block_on(nbdserve(&args.etcd, &listen, read_only)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("torusblk: {e}");
+                    1
+                }
+            }
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TORUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn flexvolume(argv: &[String]) -> Reply {
+    match flex::parse_call(argv) {
+        Err(reply) => reply,
+        Ok(Call::Init) => Reply::init(),
+        Ok(Call::Mount { dir, options }) => driver::mount(&dir, &options),
+        Ok(Call::Unmount { dir }) => driver::unmount(&dir),
+        Ok(Call::NotSupported(call)) => Reply::not_supported(format!(
+            "{call} is not used by this driver: it reports attach: false, and mount does the work on the node"
+        )),
+    }
+}
+
+/// `torusblk nbdserve`: every volume of the cluster, served from a client-only node.
+async fn nbdserve(etcd: &str, listen: &str, read_only: bool) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let addr = listen
+        .parse()
+        .map_err(|_| format!("--listen {listen:?} is not an address (IP:PORT)"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signal handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
+    let node = client::connect(&client::ClientOptions::new(etcd))
+        .await
+        .map_err(|e| e.to_string())?;
+    let server = match client::serve(Arc::new(node.clone()), addr, read_only).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = node.shutdown().await;
+            return Err(format!("cannot listen for NBD on {listen}: {e}"));
+        }
+    };
+    println!("torusblk nbdserve ready: nbd={} etcd={etcd}", server.addr);
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    server.stop().await;
+    node.shutdown()
+        .await
+        .map_err(|e| format!("shutting down: {e}"))
+}
