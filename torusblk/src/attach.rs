@@ -239,6 +239,7 @@ pub async fn run(req: AttachRequest) -> i32 {
         AttacherKind::Kernel => match kernel::find_device(&roots, req.device.as_deref()) {
             Ok(d) => Some(d),
             Err(e) => {
+                tracing::error!("{e}");
                 print_ready(&Ready {
                     device: None,
                     error: Some(e),

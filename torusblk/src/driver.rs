@@ -116,6 +116,7 @@ impl StateDir {
     pub fn remove(&self, dir: &Path) {
         let _ = std::fs::remove_file(self.record_path(dir));
         let _ = std::fs::remove_dir_all(self.work_dir(dir));
+        let _ = std::fs::remove_file(self.log_path(dir));
     }
 }
 
@@ -141,7 +142,7 @@ fn is_ours(record: &Record, state: &StateDir) -> bool {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     let work = state.work_dir(&record.dir).to_string_lossy().into_owned();
-    args.iter().any(|a| a == "attach-daemon") && args.iter().any(|a| *a == work)
+    args.iter().any(|a| a == "attach-daemon") && args.contains(&work)
 }
 
 /// SIGTERM the attach process and wait (bounded) until it is gone.

@@ -277,7 +277,12 @@ impl KernelAttachment {
 
     /// Disconnect and wait (bounded) for `NBD_DO_IT` to return.
     pub fn detach(mut self) -> Result<(), String> {
-        let r = detach(&self.device);
+        // Already disconnected (`torusblk nbd --detach`): nothing to undo.
+        let r = if self.is_attached() {
+            detach(&self.device)
+        } else {
+            Ok(())
+        };
         if let Some(s) = self.serving.take() {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !s.is_finished() && Instant::now() < deadline {
