@@ -296,9 +296,23 @@ pub async fn run(req: AttachRequest) -> i32 {
         req.trim,
         req.work_dir.clone(),
     );
+    let chosen = req.device.is_some();
     let attached = tokio::task::spawn_blocking(move || match device {
-        Some(dev) => {
-            kernel::attach(&roots, &dev, addr, &volume, read_only, trim).map(Attached::Kernel)
+        Some(mut dev) => {
+            // Another attach may take the same free device between the
+            // sysfs check and NBD_SET_SOCK (EBUSY): pick again, a few times.
+            let mut attempts = 0;
+            loop {
+                match kernel::attach(&roots, &dev, addr, &volume, read_only, trim) {
+                    Ok(k) => return Ok(Attached::Kernel(k)),
+                    Err(e) if !chosen && attempts < 3 && e.contains("busy") => {
+                        attempts += 1;
+                        tracing::warn!("{e}: trying another device");
+                        dev = kernel::find_device(&roots, None)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         None => FuseAttachment::attach(&work_dir, addr, &volume, read_only).map(Attached::Fuse),
     })

@@ -206,32 +206,32 @@ pub fn attach(
         .map_err(|e| format!("cannot open {}: {e}", device.display()))?;
     let fd = dev.as_raw_fd();
     let d = device.display();
-    ioctl(
-        fd,
-        NBD_SET_BLKSIZE,
-        BLOCK_SIZE,
-        &format!("{d}: NBD_SET_BLKSIZE"),
-    )?;
-    ioctl(
-        fd,
-        NBD_SET_SIZE_BLOCKS,
-        export.size / BLOCK_SIZE,
-        &format!("{d}: NBD_SET_SIZE_BLOCKS"),
-    )?;
-    ioctl(fd, NBD_CLEAR_SOCK, 0, &format!("{d}: NBD_CLEAR_SOCK"))?;
-    ioctl(
-        fd,
-        NBD_SET_FLAGS,
-        u64::from(flags),
-        &format!("{d}: NBD_SET_FLAGS"),
-    )?;
-    ioctl(fd, NBD_SET_TIMEOUT, 60, &format!("{d}: NBD_SET_TIMEOUT"))?;
+    // The socket first: the kernel gives the device to the first task that
+    // sets a socket and answers EBUSY to any other, so nothing below can
+    // touch a device another attach is setting up or serving.
     ioctl(
         fd,
         NBD_SET_SOCK,
         sock.as_raw_fd() as u64,
         &format!("{d}: NBD_SET_SOCK"),
     )?;
+    let setup = [
+        (NBD_SET_BLKSIZE, BLOCK_SIZE, "NBD_SET_BLKSIZE"),
+        (
+            NBD_SET_SIZE_BLOCKS,
+            export.size / BLOCK_SIZE,
+            "NBD_SET_SIZE_BLOCKS",
+        ),
+        (NBD_SET_FLAGS, u64::from(flags), "NBD_SET_FLAGS"),
+        (NBD_SET_TIMEOUT, 60, "NBD_SET_TIMEOUT"),
+    ];
+    for (request, arg, what) in setup {
+        if let Err(e) = ioctl(fd, request, arg, &format!("{d}: {what}")) {
+            // Give back the socket this call set.
+            let _ = ioctl(fd, NBD_CLEAR_SOCK, 0, "NBD_CLEAR_SOCK");
+            return Err(e);
+        }
+    }
     let name = format!("{d}");
     let serving = std::thread::spawn(move || {
         // Blocks until the device is disconnected; the socket and device
