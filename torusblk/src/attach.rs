@@ -233,22 +233,6 @@ fn open_error(volume: &str, etcd: &str, e: Error) -> String {
 /// The attach process: connect, open, attach, report, serve, detach, release.
 /// Returns the process exit status.
 pub async fn run(req: AttachRequest) -> i32 {
-    // Fail fast on the device before touching the cluster.
-    let roots = Roots::default();
-    let device = match req.kind {
-        AttacherKind::Kernel => match kernel::find_device(&roots, req.device.as_deref()) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                tracing::error!("{e}");
-                print_ready(&Ready {
-                    device: None,
-                    error: Some(e),
-                });
-                return 1;
-            }
-        },
-        AttacherKind::Nbdfuse => None,
-    };
     let fail = |e: String| {
         tracing::error!("{e}");
         print_ready(&Ready {
@@ -256,6 +240,15 @@ pub async fn run(req: AttachRequest) -> i32 {
             error: Some(e),
         });
         1
+    };
+    // Fail fast on the device before touching the cluster.
+    let roots = Roots::default();
+    let device = match req.kind {
+        AttacherKind::Kernel => match kernel::find_device(&roots, req.device.as_deref()) {
+            Ok(d) => Some(d),
+            Err(e) => return fail(e),
+        },
+        AttacherKind::Nbdfuse => None,
     };
     let node = match client::connect(&ClientOptions::new(&req.etcd)).await {
         Ok(n) => n,
@@ -277,7 +270,7 @@ pub async fn run(req: AttachRequest) -> i32 {
     };
     let server = match client::serve(
         provider,
-        "127.0.0.1:0".parse().expect("literal address"),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         req.read_only,
     )
     .await
