@@ -629,3 +629,78 @@ fn entrypoint_starts_torusd_from_the_environment_and_installs_the_driver() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("STORAGE_SIZE"));
 }
+
+/// `torusblk nbd` serves until signalled, then flushes and releases the
+/// lock: what it wrote is on the volume and another node can open it. (The
+/// device comes from the test-only nbdfuse attacher here.)
+#[test]
+fn nbd_serves_until_sigterm_then_flushes_and_releases() {
+    for p in ["nbdfuse", "fusermount3", "losetup", "nbdcopy"] {
+        require(p);
+    }
+    let cluster = Cluster::start();
+    let e = cluster.etcd();
+    let mut child = Command::new(bin("torusblk"))
+        .args(["--etcd", &e, "nbd", "pad"])
+        .env("TORUSBLK_ATTACHER", "nbdfuse")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ready: Value = serde_json::from_str(line.trim()).unwrap();
+    let Some(dev) = ready["device"].as_str().map(str::to_string) else {
+        let _ = child.kill();
+        panic!("attach failed: {line}");
+    };
+    let data = pattern(11, 4 << 20);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &data));
+    // While attached, the volume is locked: the storage node refuses it.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let locked = run_with_timeout(
+        Command::new("nbdcopy")
+            .arg(cluster._node.uri("pad"))
+            .arg(&out),
+        Duration::from_secs(30),
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "torusblk nbd did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    written.unwrap();
+    assert!(
+        !locked.status.success(),
+        "the volume is locked while attached"
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        !run_ok(Command::new("losetup").arg("-a"), Duration::from_secs(10))
+            .contains(&format!("torusblk-{pid}"))
+    );
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(cluster._node.uri("pad"))
+            .arg(&out),
+        Duration::from_secs(60),
+    );
+    let back = std::fs::read(&out).unwrap();
+    assert_eq!(checksum(&back[..data.len()]), checksum(&data));
+}
