@@ -630,18 +630,16 @@ fn entrypoint_starts_torusd_from_the_environment_and_installs_the_driver() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("STORAGE_SIZE"));
 }
 
-/// `torusblk nbd` serves until signalled, then flushes and releases the
-/// lock: what it wrote is on the volume and another node can open it. (The
-/// device comes from the test-only nbdfuse attacher here.)
-#[test]
-fn nbd_serves_until_sigterm_then_flushes_and_releases() {
+/// Run `torusblk ARGS` (an `nbd` attach through the test-only nbdfuse
+/// attacher), write through the device, check `node` refuses the volume
+/// while it is attached, SIGTERM it, and check what was written is on the
+/// volume (read back through `node`).
+fn nbd_attach_write_sigterm(node: &Torusd, args: &[&str]) {
     for p in ["nbdfuse", "fusermount3", "losetup", "nbdcopy"] {
         require(p);
     }
-    let cluster = Cluster::start();
-    let e = cluster.etcd();
     let mut child = Command::new(bin("torusblk"))
-        .args(["--etcd", &e, "nbd", "pad"])
+        .args(args)
         .env("TORUSBLK_ATTACHER", "nbdfuse")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -652,9 +650,10 @@ fn nbd_serves_until_sigterm_then_flushes_and_releases() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let ready: Value = serde_json::from_str(line.trim()).unwrap();
+    let ready: Value = serde_json::from_str(line.trim()).unwrap_or_default();
     let Some(dev) = ready["device"].as_str().map(str::to_string) else {
         let _ = child.kill();
+        let _ = child.wait();
         panic!("attach failed: {line}");
     };
     let data = pattern(11, 4 << 20);
@@ -662,13 +661,11 @@ fn nbd_serves_until_sigterm_then_flushes_and_releases() {
         .write(true)
         .open(&dev)
         .and_then(|mut f| std::io::Write::write_all(&mut f, &data));
-    // While attached, the volume is locked: the storage node refuses it.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let locked = run_with_timeout(
-        Command::new("nbdcopy")
-            .arg(cluster._node.uri("pad"))
-            .arg(&out),
+    // Through etcd the volume is locked by torusblk while attached.
+    let second_open = run_with_timeout(
+        Command::new("nbdcopy").arg(node.uri("pad")).arg(&out),
         Duration::from_secs(30),
     );
     let _ = Command::new("kill")
@@ -679,28 +676,43 @@ fn nbd_serves_until_sigterm_then_flushes_and_releases() {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "torusblk nbd did not exit on SIGTERM"
-        );
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("torusblk nbd did not exit on SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     written.unwrap();
-    assert!(
-        !locked.status.success(),
-        "the volume is locked while attached"
-    );
+    if !args.contains(&"--server") {
+        assert!(
+            !second_open.status.success(),
+            "the volume is locked while attached"
+        );
+    }
     assert!(status.success(), "{status}");
-    assert!(
-        !run_ok(Command::new("losetup").arg("-a"), Duration::from_secs(10))
-            .contains(&format!("torusblk-{pid}"))
-    );
     run_ok(
-        Command::new("nbdcopy")
-            .arg(cluster._node.uri("pad"))
-            .arg(&out),
+        Command::new("nbdcopy").arg(node.uri("pad")).arg(&out),
         Duration::from_secs(60),
     );
     let back = std::fs::read(&out).unwrap();
     assert_eq!(checksum(&back[..data.len()]), checksum(&data));
+}
+
+/// `torusblk nbd` through etcd serves until SIGTERM, holds the lock, then
+/// flushes and releases: the storage node reads what it wrote.
+#[test]
+fn nbd_serves_until_sigterm_then_flushes_and_releases() {
+    let cluster = Cluster::start();
+    let e = cluster.etcd();
+    nbd_attach_write_sigterm(&cluster._node, &["--etcd", &e, "nbd", "pad"]);
+}
+
+/// `torusblk nbd --server`: the embedded single node, no etcd.
+#[test]
+fn nbd_attaches_an_export_of_the_embedded_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Torusd::start(&dir.path().join("n"), &["--size", "256MiB"]);
+    node.ctl_ok(&["volume", "create-block", "pad", "64MiB"]);
+    let server = node.nbd.to_string();
+    nbd_attach_write_sigterm(&node, &["nbd", "pad", "--server", &server]);
 }

@@ -10,7 +10,8 @@
 //!   Selected with `TORUSBLK_ATTACHER=nbdfuse`.
 //!
 //! Both are fed by an NBD server on loopback in the same process, serving only
-//! the one volume from a client-only node. [`run`] is the body of the attach
+//! the one volume from a client-only node (or, with `torusblk nbd --server`,
+//! by an existing NBD server such as the embedded single node). [`run`] is the body of the attach
 //! process (`torusblk nbd`, and the daemon a FlexVolume `mount` leaves
 //! behind): it reports one JSON line on stdout when the device is ready (or
 //! why it is not), then serves until SIGTERM/SIGINT or until the device is
@@ -67,6 +68,10 @@ pub struct AttachRequest {
     pub work_dir: PathBuf,
     pub read_only: bool,
     pub trim: bool,
+    /// Attach to this NBD server's export instead of serving the volume from
+    /// a client-only node on etcd (single-node development: the embedded
+    /// `torusd`, which then holds the volume's lock).
+    pub server: Option<std::net::SocketAddr>,
 }
 
 /// The one line the attach process prints when it is ready or has failed.
@@ -250,40 +255,14 @@ pub async fn run(req: AttachRequest) -> i32 {
         },
         AttacherKind::Nbdfuse => None,
     };
-    let node = match client::connect(&ClientOptions::new(&req.etcd)).await {
-        Ok(n) => n,
-        Err(e) => return fail(format!("{e}")),
+    let (addr, local) = match req.server {
+        Some(addr) => (addr, None),
+        None => match Local::open(&req).await {
+            Ok(l) => (l.server.addr, Some(l)),
+            Err(e) => return fail(e),
+        },
     };
-    let provider = Arc::new(OneVolume {
-        node: node.clone(),
-        name: req.volume.clone(),
-    });
-    // Hold the volume open (its writer lock) for the process's life: the
-    // NBD connections share this open, and a lock conflict shows here.
-    let handle = match provider.open(&req.volume, req.read_only).await {
-        Ok(h) => h,
-        Err(e) => {
-            let msg = open_error(&req.volume, &req.etcd, e);
-            let _ = node.shutdown().await;
-            return fail(msg);
-        }
-    };
-    let server = match client::serve(
-        provider,
-        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        req.read_only,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = node.shutdown().await;
-            drop(handle);
-            return fail(format!("cannot start the local NBD server: {e}"));
-        }
-    };
-    let (addr, volume, read_only, trim, work_dir) = (
-        server.addr,
+    let (volume, read_only, trim, work_dir) = (
         req.volume.clone(),
         req.read_only,
         req.trim,
@@ -314,9 +293,9 @@ pub async fn run(req: AttachRequest) -> i32 {
     let mut attached = match attached {
         Ok(a) => a,
         Err(e) => {
-            server.stop().await;
-            let _ = node.shutdown().await;
-            drop(handle);
+            if let Some(l) = local {
+                let _ = l.close().await;
+            }
             return fail(e);
         }
     };
@@ -335,7 +314,7 @@ pub async fn run(req: AttachRequest) -> i32 {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             tracing::error!("cannot install signal handlers: detaching");
-            return finish(attached, server, handle, node).await;
+            return finish(attached, local).await;
         }
     };
     loop {
@@ -347,22 +326,75 @@ pub async fn run(req: AttachRequest) -> i32 {
                     tracing::info!(device = %dev.display(), "the device was detached");
                     break;
                 }
-                if server.is_finished() {
+                if local.as_ref().is_some_and(|l| l.server.is_finished()) {
                     tracing::error!("the local NBD server stopped: detaching");
                     break;
                 }
             }
         }
     }
-    finish(attached, server, handle, node).await
+    finish(attached, local).await
 }
 
-async fn finish(
-    attached: Attached,
-    server: client::Server,
-    handle: Arc<dyn torus_traits::BlockDevice>,
+/// The volume served from a client-only node on etcd, on loopback.
+struct Local {
     node: torus::node::Node,
-) -> i32 {
+    /// Held open (the writer lock) for the process's life: the NBD
+    /// connections share this open, and a lock conflict shows at once.
+    handle: Arc<dyn torus_traits::BlockDevice>,
+    server: client::Server,
+}
+
+impl Local {
+    async fn open(req: &AttachRequest) -> Result<Local, String> {
+        let node = client::connect(&ClientOptions::new(&req.etcd))
+            .await
+            .map_err(|e| e.to_string())?;
+        let provider = Arc::new(OneVolume {
+            node: node.clone(),
+            name: req.volume.clone(),
+        });
+        let handle = match provider.open(&req.volume, req.read_only).await {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = node.shutdown().await;
+                return Err(open_error(&req.volume, &req.etcd, e));
+            }
+        };
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        match client::serve(provider, loopback, req.read_only).await {
+            Ok(server) => Ok(Local {
+                node,
+                handle,
+                server,
+            }),
+            Err(e) => {
+                let _ = node.shutdown().await;
+                drop(handle);
+                Err(format!("cannot start the local NBD server: {e}"))
+            }
+        }
+    }
+
+    /// Stop serving, flush, release the lock and the lease.
+    async fn close(self) -> Result<(), String> {
+        let mut first_err = None;
+        self.server.stop().await;
+        if let Err(e) = self.handle.flush().await {
+            first_err.get_or_insert(format!("flushing the volume: {e}"));
+        }
+        // Shut down with the handle still open, so the node flushes, fences
+        // and releases the lock itself (dropping it first would leave that to
+        // a background task racing with the shutdown).
+        if let Err(e) = self.node.shutdown().await {
+            first_err.get_or_insert(format!("releasing the volume: {e}"));
+        }
+        drop(self.handle);
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+async fn finish(attached: Attached, local: Option<Local>) -> i32 {
     let mut status = 0;
     if let Err(e) = tokio::task::spawn_blocking(move || attached.detach())
         .await
@@ -371,19 +403,12 @@ async fn finish(
         tracing::error!("detaching: {e}");
         status = 1;
     }
-    server.stop().await;
-    if let Err(e) = handle.flush().await {
-        tracing::error!("flushing the volume: {e}");
-        status = 1;
+    if let Some(l) = local {
+        if let Err(e) = l.close().await {
+            tracing::error!("{e}");
+            status = 1;
+        }
     }
-    // Shut down with the handle still open, so the node flushes, fences and
-    // releases the lock itself (dropping it first would leave that to a
-    // background task racing with the shutdown).
-    if let Err(e) = node.shutdown().await {
-        tracing::error!("releasing the volume: {e}");
-        status = 1;
-    }
-    drop(handle);
     tracing::info!("detached and released");
     status
 }

@@ -45,6 +45,11 @@ enum Cmd {
         /// Pass discards (TRIM) to the volume.
         #[arg(long)]
         trim: bool,
+        /// Attach an export of this NBD server (IP:PORT) instead of reaching
+        /// the volume through etcd, e.g. the embedded single node's
+        /// 127.0.0.1:10809, which then holds the volume's lock.
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
     },
     /// Serve every volume of the cluster over NBD, without a storage pool.
     Nbdserve {
@@ -107,8 +112,17 @@ fn main() -> ExitCode {
             device,
             read_only,
             trim,
+            server,
             ..
         } => {
+            let server = match server.map(|s| s.parse::<std::net::SocketAddr>().map_err(|_| s)) {
+                None => None,
+                Some(Ok(a)) => Some(a),
+                Some(Err(s)) => {
+                    eprintln!("torusblk: --server {s:?} is not an address (IP:PORT)");
+                    return ExitCode::FAILURE;
+                }
+            };
             let kind = match AttacherKind::from_env() {
                 Ok(k) => k,
                 Err(e) => {
@@ -125,6 +139,7 @@ fn main() -> ExitCode {
                 work_dir: work_dir.clone(),
                 read_only,
                 trim,
+                server,
             };
             let code = runtime.block_on(attach::run(req));
             let _ = std::fs::remove_dir_all(work_dir);
@@ -150,6 +165,7 @@ fn main() -> ExitCode {
                 work_dir,
                 read_only,
                 trim,
+                server: None,
             }))
         }
         Cmd::Nbdserve { listen, read_only } => {
