@@ -27,6 +27,8 @@ pub const DEFAULT_STATE_DIR: &str = "/run/torus/flexvolume";
 
 /// How long `mount` waits for the attach process to report.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a call waits for another call on the same directory.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long `unmount` waits for the attach process to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -113,6 +115,39 @@ impl StateDir {
         std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &p).map_err(|e| format!("cannot write {}: {e}", p.display()))
     }
+    /// Serialise calls on one mount directory (kubelet may retry a call
+    /// that timed out while the first is still running). Held until dropped.
+    pub fn lock(&self, dir: &Path) -> Result<std::fs::File, String> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(&self.root).map_err(|e| {
+            format!(
+                "cannot create the state directory {}: {e}",
+                self.root.display()
+            )
+        })?;
+        let p = self.path(dir, ".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        loop {
+            // SAFETY: flock on a descriptor owned by `f`, which outlives the call.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(f);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "another mount or unmount of {} has been running for over {LOCK_TIMEOUT:?}",
+                    dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn remove(&self, dir: &Path) {
         let _ = std::fs::remove_file(self.record_path(dir));
         let _ = std::fs::remove_dir_all(self.work_dir(dir));
@@ -179,12 +214,10 @@ pub fn mount(dir: &Path, opts: &MountOptions) -> Reply {
         Err(e) => return Reply::failure(e),
     };
     let state = StateDir::from_env();
-    if let Err(e) = std::fs::create_dir_all(&state.root) {
-        return Reply::failure(format!(
-            "cannot create the state directory {}: {e}",
-            state.root.display()
-        ));
-    }
+    let _serial = match state.lock(dir) {
+        Ok(f) => f,
+        Err(e) => return Reply::failure(e),
+    };
     match state.load(dir) {
         Err(e) => return Reply::failure(e),
         Ok(Some(r))
@@ -349,6 +382,10 @@ fn start_attach_process(
 /// FlexVolume `unmount DIR`.
 pub fn unmount(dir: &Path) -> Reply {
     let state = StateDir::from_env();
+    let _serial = match state.lock(dir) {
+        Ok(f) => f,
+        Err(e) => return Reply::failure(e),
+    };
     let record = match state.load(dir) {
         Ok(r) => r,
         Err(e) => return Reply::failure(e),
@@ -412,6 +449,28 @@ mod tests {
         assert!(s.load(dir).unwrap_err().contains("damaged"));
         s.remove(dir);
         assert_eq!(s.load(dir).unwrap(), None);
+    }
+
+    #[test]
+    fn calls_on_one_directory_are_serialised() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir {
+            root: d.path().join("state"),
+        };
+        let held = s.lock(Path::new("/mnt/x")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let _l = s2.lock(Path::new("/mnt/x"));
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "second call waits"
+        );
+        s.lock(Path::new("/mnt/y")).unwrap();
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
     }
 
     #[test]
