@@ -716,3 +716,62 @@ fn nbd_attaches_an_export_of_the_embedded_node() {
     let server = node.nbd.to_string();
     nbd_attach_write_sigterm(&node, &["nbd", "pad", "--server", &server]);
 }
+
+/// etcd over TLS with client certificates: the mount options carry the
+/// files, and without them the failure names etcd.
+#[test]
+fn mount_through_etcd_with_tls() {
+    require_mount_tools();
+    use torus_integration::etcd::TestCertificates;
+    let root = tempfile::tempdir().unwrap();
+    let certs = TestCertificates::generate(&root.path().join("certs"));
+    let etcd = EtcdServer::start_tls(certs.server_tls());
+    let e = etcd.endpoint();
+    let (ca, cert, key) = (
+        certs.ca_file.to_string_lossy().into_owned(),
+        certs.client_cert.to_string_lossy().into_owned(),
+        certs.client_key.to_string_lossy().into_owned(),
+    );
+    let tls = [
+        "--etcd-ca-file",
+        ca.as_str(),
+        "--etcd-cert-file",
+        cert.as_str(),
+        "--etcd-key-file",
+        key.as_str(),
+    ];
+    let ctl = |args: &[&str]| {
+        run_ok(
+            Command::new(bin("torusctl"))
+                .args(["--etcd", &e])
+                .args(tls)
+                .args(args),
+            Duration::from_secs(30),
+        )
+    };
+    ctl(&["init", "--block-size", "1MiB"]);
+    let mut node_args = vec!["--size", "256MiB"];
+    node_args.extend(tls);
+    let _node = Torusd::start_cluster(&root.path().join("n0"), &e, &node_args);
+    ctl(&["volume", "create-block", "pad", "64MiB"]);
+
+    let host = Host::new(root.path(), "a");
+    let dir = root.path().join("mnt");
+    let _cleanup = Cleanup(vec![(host.state.clone(), dir.clone(), "nbdfuse")]);
+    let c = host.mount(&dir, &opts("pad", &e, &[("etcdCAFile", &ca)]));
+    assert_failure(&c, "no client certificate", &e);
+    let with_tls = opts(
+        "pad",
+        &e,
+        &[
+            ("etcdCAFile", &ca),
+            ("etcdCertFile", &cert),
+            ("etcdKeyFile", &key),
+        ],
+    );
+    assert_success(&host.mount(&dir, &with_tls), "mount over TLS");
+    let files = write_files(&dir);
+    check_files(&dir, &files);
+    assert_success(&host.unmount(&dir), "unmount");
+    assert!(!is_mounted(&dir));
+}

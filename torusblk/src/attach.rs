@@ -61,6 +61,7 @@ impl AttacherKind {
 pub struct AttachRequest {
     pub volume: String,
     pub etcd: String,
+    pub etcd_tls: Option<torus_backends::metadata::EtcdTls>,
     pub kind: AttacherKind,
     /// Kernel: the `/dev/nbdN` to use (else the first free one).
     pub device: Option<PathBuf>,
@@ -347,7 +348,7 @@ struct Local {
 
 impl Local {
     async fn open(req: &AttachRequest) -> Result<Local, String> {
-        let node = client::connect(&ClientOptions::new(&req.etcd))
+        let node = client::connect(&ClientOptions::new(&req.etcd, req.etcd_tls.clone()))
             .await
             .map_err(|e| e.to_string())?;
         let provider = Arc::new(OneVolume {

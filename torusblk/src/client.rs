@@ -7,10 +7,11 @@
 //! It is built from the engine's public parts, so `torusd` is unchanged.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use torus::node::{Node, NodeOptions};
-use torus_backends::metadata::{EtcdConfig, EtcdMetadata};
+use torus_backends::metadata::{EtcdConfig, EtcdMetadata, EtcdTls};
 use torus_backends::storage::MemoryBlockStore;
 use torus_frontends::nbd::{NbdFrontend, NbdOptions};
 use torus_traits::{
@@ -28,10 +29,36 @@ pub struct ClientOptions {
     pub lease_ttl: Duration,
     /// What other nodes and `torusctl` show as the lock holder's address.
     pub address: String,
+    /// TLS towards etcd.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS towards etcd from the three file options: a CA alone (server
+/// verified), or a CA with a client certificate and its key.
+pub fn etcd_tls(
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> std::result::Result<Option<EtcdTls>, String> {
+    match (ca_file, cert_file, key_file) {
+        (None, None, None) => Ok(None),
+        (Some(ca_file), cert_file, key_file) if cert_file.is_some() == key_file.is_some() => {
+            Ok(Some(EtcdTls {
+                ca_file,
+                cert_file,
+                key_file,
+            }))
+        }
+        (None, _, _) => Err(
+            "an etcd client certificate needs the CA that signed etcd's certificate too (etcd CA file)"
+                .into(),
+        ),
+        _ => Err("the etcd client certificate and key go together: give both or neither".into()),
+    }
 }
 
 impl ClientOptions {
-    pub fn new(etcd: &str) -> ClientOptions {
+    pub fn new(etcd: &str, tls: Option<EtcdTls>) -> ClientOptions {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
@@ -39,6 +66,7 @@ impl ClientOptions {
             etcd: etcd.to_string(),
             lease_ttl: Duration::from_secs(10),
             address: format!("torusblk@{host}"),
+            tls,
         }
     }
 }
@@ -58,7 +86,7 @@ pub async fn connect(opts: &ClientOptions) -> Result<Node> {
         endpoints,
         dial_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
-        tls: None,
+        tls: opts.tls.clone(),
     };
     let meta: Arc<dyn MetadataStore> = Arc::new(
         EtcdMetadata::connect(cfg)

@@ -310,6 +310,13 @@ fn start_attach_process(
         ])
         .arg("--work-dir")
         .arg(&work);
+    if let Some(tls) = &opts.etcd_tls {
+        cmd.arg("--etcd-ca-file").arg(&tls.ca_file);
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            cmd.arg("--etcd-cert-file").arg(cert);
+            cmd.arg("--etcd-key-file").arg(key);
+        }
+    }
     if opts.read_only {
         cmd.arg("--read-only");
     }

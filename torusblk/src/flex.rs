@@ -58,6 +58,8 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Pass discards to the volume (TRIM on the device, `discard` mount option).
     pub trim: bool,
+    /// TLS towards etcd (`etcdCAFile`, `etcdCertFile`, `etcdKeyFile`).
+    pub etcd_tls: Option<torus_backends::metadata::EtcdTls>,
 }
 
 /// Parse `args` (after the program name) into a call, or a failure reply.
@@ -167,12 +169,19 @@ impl MountOptions {
                 ))
             }
         }
+        let path = |key: &str| get(key).map(|v| v.filter(|p| !p.is_empty()).map(PathBuf::from));
+        let etcd_tls = crate::client::etcd_tls(
+            path("etcdCAFile")?,
+            path("etcdCertFile")?,
+            path("etcdKeyFile")?,
+        )?;
         Ok(MountOptions {
             volume,
             etcd,
             fs_type,
             read_only,
             trim,
+            etcd_tls,
         })
     }
 }
@@ -277,6 +286,7 @@ mod tests {
                     fs_type: "ext4".into(),
                     read_only: false,
                     trim: false,
+                    etcd_tls: None,
                 }
             }
         );
@@ -290,6 +300,13 @@ mod tests {
         .unwrap();
         assert!(o.read_only && o.trim);
         assert_eq!(o.fs_type, "xfs");
+        let o = MountOptions::from_json(
+            r#"{"volume":"v","etcdCAFile":"/ca.pem","etcdCertFile":"/c.pem","etcdKeyFile":"/c.key"}"#,
+        )
+        .unwrap();
+        let tls = o.etcd_tls.unwrap();
+        assert_eq!(tls.ca_file, PathBuf::from("/ca.pem"));
+        assert_eq!(tls.key_file, Some(PathBuf::from("/c.key")));
     }
 
     #[test]
@@ -306,6 +323,11 @@ mod tests {
         assert!(err(r#"{"volume":"v","trim":"maybe"}"#).contains("true or false"));
         assert!(err(r#"{"volume":"v","writeLevel":"one"}"#).contains("writeLevel"));
         assert!(err(r#"{"volume":["v"]}"#).contains("must be a string"));
+        assert!(err(r#"{"volume":"v","etcdCertFile":"/c.pem","etcdKeyFile":"/k"}"#).contains("CA"));
+        assert!(
+            err(r#"{"volume":"v","etcdCAFile":"/ca","etcdCertFile":"/c.pem"}"#)
+                .contains("give both or neither")
+        );
     }
 
     #[test]

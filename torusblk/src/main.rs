@@ -23,6 +23,15 @@ struct Args {
     /// etcd endpoints of the cluster, HOST:PORT[,HOST:PORT…].
     #[arg(long, short = 'C', global = true, env = "TORUS_ETCD", default_value = flex::DEFAULT_ETCD)]
     etcd: String,
+    /// CA certificate to verify etcd with (TLS).
+    #[arg(long, global = true, env = "TORUS_ETCD_CA_FILE", value_name = "FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, global = true, env = "TORUS_ETCD_CERT_FILE", value_name = "FILE")]
+    etcd_cert_file: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long, global = true, env = "TORUS_ETCD_KEY_FILE", value_name = "FILE")]
+    etcd_key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -87,6 +96,17 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     init_logging();
+    let etcd_tls = match client::etcd_tls(
+        args.etcd_ca_file.clone(),
+        args.etcd_cert_file.clone(),
+        args.etcd_key_file.clone(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("torusblk: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -134,6 +154,7 @@ fn main() -> ExitCode {
             let req = AttachRequest {
                 volume: volume.unwrap_or_default(),
                 etcd: args.etcd,
+                etcd_tls: etcd_tls.clone(),
                 kind,
                 device,
                 work_dir: work_dir.clone(),
@@ -160,6 +181,7 @@ fn main() -> ExitCode {
             runtime.block_on(attach::run(AttachRequest {
                 volume,
                 etcd: args.etcd,
+                etcd_tls: etcd_tls.clone(),
                 kind,
                 device: None,
                 work_dir,
@@ -169,7 +191,7 @@ fn main() -> ExitCode {
             }))
         }
         Cmd::Nbdserve { listen, read_only } => {
-            match runtime.block_on(nbdserve(&args.etcd, &listen, read_only)) {
+            match runtime.block_on(nbdserve(&args.etcd, etcd_tls, &listen, read_only)) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("torusblk: {e}");
@@ -204,14 +226,19 @@ fn flexvolume(argv: &[String]) -> Reply {
 }
 
 /// `torusblk nbdserve`: every volume of the cluster, served from a client-only node.
-async fn nbdserve(etcd: &str, listen: &str, read_only: bool) -> Result<(), String> {
+async fn nbdserve(
+    etcd: &str,
+    tls: Option<torus_backends::metadata::EtcdTls>,
+    listen: &str,
+    read_only: bool,
+) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let addr = listen
         .parse()
         .map_err(|_| format!("--listen {listen:?} is not an address (IP:PORT)"))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signal handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
-    let node = client::connect(&client::ClientOptions::new(etcd))
+    let node = client::connect(&client::ClientOptions::new(etcd, tls))
         .await
         .map_err(|e| e.to_string())?;
     let server = match client::serve(Arc::new(node.clone()), addr, read_only).await {
