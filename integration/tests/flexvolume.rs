@@ -228,6 +228,8 @@ fn init_and_the_calls_this_driver_does_not_make() {
         "mountdevice",
         "unmountdevice",
         "getvolumename",
+        "expandvolume",
+        "expandfs",
     ] {
         let c = host.call(&[call, "{}"]);
         assert_eq!(c.reply["status"], "Not supported", "{call}: {}", c.raw);

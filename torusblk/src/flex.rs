@@ -29,7 +29,8 @@ pub enum Call {
     /// A call this driver does not implement, answered `Not supported`
     /// (`attach`, `detach`, `waitforattach`, `isattached`, `mountdevice`,
     /// `unmountdevice`, `getvolumename`: kubelet only makes them for drivers
-    /// that report `attach: true`, and `getvolumename` is deprecated).
+    /// that report `attach: true`, and `getvolumename` is deprecated;
+    /// `expandvolume`, `expandfs`: torus volumes cannot grow yet).
     NotSupported(String),
 }
 
@@ -42,7 +43,19 @@ pub const NOT_SUPPORTED: &[&str] = &[
     "mountdevice",
     "unmountdevice",
     "getvolumename",
+    "expandvolume",
+    "expandfs",
 ];
+
+/// Why a call is answered `Not supported`.
+pub fn not_supported_reason(call: &str) -> String {
+    match call {
+        "expandvolume" | "expandfs" => format!("{call}: torus volumes cannot be resized yet"),
+        _ => format!(
+            "{call} is not used by this driver: it reports attach: false, and mount does the work on the node"
+        ),
+    }
+}
 
 /// Whether `name` is a FlexVolume call (as opposed to another torusblk command).
 pub fn is_flex_call(name: &str) -> bool {

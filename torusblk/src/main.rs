@@ -219,9 +219,7 @@ fn flexvolume(argv: &[String]) -> Reply {
         Ok(Call::Init) => Reply::init(),
         Ok(Call::Mount { dir, options }) => driver::mount(&dir, &options),
         Ok(Call::Unmount { dir }) => driver::unmount(&dir),
-        Ok(Call::NotSupported(call)) => Reply::not_supported(format!(
-            "{call} is not used by this driver: it reports attach: false, and mount does the work on the node"
-        )),
+        Ok(Call::NotSupported(call)) => Reply::not_supported(flex::not_supported_reason(&call)),
     }
 }
 
