@@ -21,8 +21,8 @@ use torus_integration::{
 /// etcd, one storage node, and a 64 MiB volume `pad`.
 struct Cluster {
     etcd: EtcdServer,
-    _node: Torusd,
-    dir: tempfile::TempDir,
+    node: Torusd,
+    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -41,8 +41,8 @@ impl Cluster {
         );
         Cluster {
             etcd,
-            _node: node,
-            dir,
+            node,
+            _dir: dir,
         }
     }
     fn etcd(&self) -> String {
@@ -77,6 +77,8 @@ impl Host {
                 .args(args)
                 .env("TORUSBLK_ATTACHER", self.attacher)
                 .env("TORUSBLK_STATE_DIR", &self.state)
+                // Leave this machine's cgroups alone (unit-tested on a fake root).
+                .env("TORUSBLK_CGROUP_ROOT", "")
                 .env_remove("TORUS_ETCD"),
             Duration::from_secs(180),
         );
@@ -389,7 +391,9 @@ fn mount_write_unmount_then_mount_on_another_host_keeps_the_files() {
         "a read-only mount refuses writes"
     );
     assert_success(&a.unmount(&dir_a), "unmount read-only");
-    drop(cluster.dir);
+    // The attach processes left the peer registry with their leases.
+    let peers: Value = serde_json::from_str(&ctl_etcd(&e, &["list-peers", "--json"])).unwrap();
+    assert_eq!(peers.as_array().map(Vec::len), Some(1), "{peers}");
 }
 
 /// A device holding another filesystem is never reformatted; a blank one
@@ -567,6 +571,8 @@ fn nbdserve_serves_every_volume_without_a_pool() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success());
+    let peers: Value = serde_json::from_str(&ctl_etcd(&e, &["list-peers", "--json"])).unwrap();
+    assert_eq!(peers.as_array().map(Vec::len), Some(1), "it left: {peers}");
 }
 
 /// The container entrypoint maps the environment to flags torusd accepts:
@@ -706,7 +712,7 @@ fn nbd_attach_write_sigterm(node: &Torusd, args: &[&str]) {
 fn nbd_serves_until_sigterm_then_flushes_and_releases() {
     let cluster = Cluster::start();
     let e = cluster.etcd();
-    nbd_attach_write_sigterm(&cluster._node, &["--etcd", &e, "nbd", "pad"]);
+    nbd_attach_write_sigterm(&cluster.node, &["--etcd", &e, "nbd", "pad"]);
 }
 
 /// `torusblk nbd --server`: the embedded single node, no etcd.

@@ -340,6 +340,7 @@ pub async fn run(req: AttachRequest) -> i32 {
 /// The volume served from a client-only node on etcd, on loopback.
 struct Local {
     node: torus::node::Node,
+    opts: ClientOptions,
     /// Held open (the writer lock) for the process's life: the NBD
     /// connections share this open, and a lock conflict shows at once.
     handle: Arc<dyn torus_traits::BlockDevice>,
@@ -348,9 +349,8 @@ struct Local {
 
 impl Local {
     async fn open(req: &AttachRequest) -> Result<Local, String> {
-        let node = client::connect(&ClientOptions::new(&req.etcd, req.etcd_tls.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
+        let opts = ClientOptions::new(&req.etcd, req.etcd_tls.clone());
+        let node = client::connect(&opts).await.map_err(|e| e.to_string())?;
         let provider = Arc::new(OneVolume {
             node: node.clone(),
             name: req.volume.clone(),
@@ -358,7 +358,7 @@ impl Local {
         let handle = match provider.open(&req.volume, req.read_only).await {
             Ok(h) => h,
             Err(e) => {
-                let _ = node.shutdown().await;
+                let _ = client::leave(node, &opts).await;
                 return Err(open_error(&req.volume, &req.etcd, e));
             }
         };
@@ -366,11 +366,12 @@ impl Local {
         match client::serve(provider, loopback, req.read_only).await {
             Ok(server) => Ok(Local {
                 node,
+                opts,
                 handle,
                 server,
             }),
             Err(e) => {
-                let _ = node.shutdown().await;
+                let _ = client::leave(node, &opts).await;
                 drop(handle);
                 Err(format!("cannot start the local NBD server: {e}"))
             }
@@ -387,7 +388,7 @@ impl Local {
         // Shut down with the handle still open, so the node flushes, fences
         // and releases the lock itself (dropping it first would leave that to
         // a background task racing with the shutdown).
-        if let Err(e) = self.node.shutdown().await {
+        if let Err(e) = client::leave(self.node, &self.opts).await {
             first_err.get_or_insert(format!("releasing the volume: {e}"));
         }
         drop(self.handle);

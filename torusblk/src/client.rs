@@ -71,8 +71,8 @@ impl ClientOptions {
     }
 }
 
-/// Connect to the cluster and start a client-only node.
-pub async fn connect(opts: &ClientOptions) -> Result<Node> {
+/// Connect to the cluster's etcd.
+async fn open_meta(opts: &ClientOptions) -> Result<Arc<dyn MetadataStore>> {
     let endpoints: Vec<String> = opts
         .etcd
         .split(',')
@@ -88,11 +88,15 @@ pub async fn connect(opts: &ClientOptions) -> Result<Node> {
         request_timeout: Duration::from_secs(10),
         tls: opts.tls.clone(),
     };
-    let meta: Arc<dyn MetadataStore> = Arc::new(
-        EtcdMetadata::connect(cfg)
-            .await
-            .map_err(|e| Error::Unavailable(format!("cannot reach etcd at {}: {e}", opts.etcd)))?,
-    );
+    let meta = EtcdMetadata::connect(cfg)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot reach etcd at {}: {e}", opts.etcd)))?;
+    Ok(Arc::new(meta))
+}
+
+/// Connect to the cluster and start a client-only node.
+pub async fn connect(opts: &ClientOptions) -> Result<Node> {
+    let meta = open_meta(opts).await?;
     let cluster = torus::cluster::get(&*meta).await?.ok_or_else(|| {
         Error::NotFound(format!(
             "no torus cluster on etcd {}: run `torusctl --etcd {} init` and start torusd nodes first",
@@ -111,6 +115,25 @@ pub async fn connect(opts: &ClientOptions) -> Result<Node> {
     };
     let store = Arc::new(MemoryBlockStore::new(cluster.chunk_size, 0));
     Node::start(node_opts, meta, store, cluster).await
+}
+
+/// Shut the client-only node down (flush, release its locks and lease),
+/// then delete the peer record it leaves behind: each attach has an identity
+/// of its own, and its record would otherwise stay in etcd for good.
+pub async fn leave(node: Node, opts: &ClientOptions) -> Result<()> {
+    let id = node.id();
+    let shutdown = node.shutdown().await;
+    // A fresh connection: the node closed its own.
+    match open_meta(opts).await {
+        Ok(meta) => {
+            if let Err(e) = torus::peers::forget(&*meta, id).await {
+                tracing::warn!("cannot delete this client's peer record: {e}");
+            }
+            let _ = meta.close().await;
+        }
+        Err(e) => tracing::warn!("cannot delete this client's peer record: {e}"),
+    }
+    shutdown
 }
 
 /// A provider exposing only one volume of a node: the attach daemon's local

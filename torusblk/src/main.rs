@@ -173,6 +173,7 @@ fn main() -> ExitCode {
             read_only,
             trim,
         } => {
+            torusblk::cgroup::escape_from_env();
             let kind = if attacher == "nbdfuse" {
                 AttacherKind::Nbdfuse
             } else {
@@ -236,13 +237,12 @@ async fn nbdserve(
         .map_err(|_| format!("--listen {listen:?} is not an address (IP:PORT)"))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signal handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
-    let node = client::connect(&client::ClientOptions::new(etcd, tls))
-        .await
-        .map_err(|e| e.to_string())?;
+    let opts = client::ClientOptions::new(etcd, tls);
+    let node = client::connect(&opts).await.map_err(|e| e.to_string())?;
     let server = match client::serve(Arc::new(node.clone()), addr, read_only).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = node.shutdown().await;
+            let _ = client::leave(node, &opts).await;
             return Err(format!("cannot listen for NBD on {listen}: {e}"));
         }
     };
@@ -252,7 +252,7 @@ async fn nbdserve(
         _ = int.recv() => {}
     }
     server.stop().await;
-    node.shutdown()
+    client::leave(node, &opts)
         .await
         .map_err(|e| format!("shutting down: {e}"))
 }
