@@ -9,7 +9,7 @@ want=(protobuf-compiler:protoc pkg-config:pkg-config)
 if [ "${1:-build}" = test ]; then
   want+=(openssl:openssl libnbd-bin:nbdinfo libnbd-bin:nbdcopy libnbd-bin:nbdfuse qemu-utils:qemu-img
          fio:fio nbdkit:nbdkit e2fsprogs:mkfs.ext4 fuse3:fusermount3 etcd-server:etcd
-         util-linux:losetup)
+         util-linux:losetup util-linux:blkid mount:mount)
 fi
 
 missing=()

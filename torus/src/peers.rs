@@ -51,6 +51,20 @@ pub async fn heartbeat(meta: &dyn MetadataStore, info: &PeerInfo, lease: LeaseId
     Ok(())
 }
 
+/// Delete the lease-free record of a peer leaving for good that never held
+/// data (a client-only node such as `torusblk`), so such records do not pile
+/// up. Refused for a ring member: its record shows it while it is down.
+pub async fn forget(meta: &dyn MetadataStore, id: PeerId) -> Result<()> {
+    let (ring, _) = cluster::ring(meta).await?;
+    if ring.members.iter().any(|m| m.id == id) {
+        return Err(torus_traits::Error::InvalidArgument(format!(
+            "peer {id} is in the ring: remove it from the ring first"
+        )));
+    }
+    meta.delete(&info_key(id)).await?;
+    Ok(())
+}
+
 /// Every peer that is alive or in the ring, with its membership.
 pub async fn list(meta: &dyn MetadataStore) -> Result<Vec<PeerStatus>> {
     let mut alive = BTreeMap::new();
