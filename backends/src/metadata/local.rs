@@ -63,6 +63,14 @@ pub trait KvBackend: Send + Sync + 'static {
     fn apply(&mut self, batch: Batch) -> Result<()>;
     /// Make every applied batch durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Release the backend's files; when this returns, the same files can
+    /// be opened again. By default dropping is enough.
+    fn release(self) -> impl Future<Output = ()> + Send
+    where
+        Self: Sized,
+    {
+        async move { drop(self) }
+    }
 }
 
 /// How often the timer task looks for expired leases. The contract allows
@@ -844,9 +852,9 @@ impl<B: KvBackend> MetadataStore for LocalMetadata<B> {
             return Ok(());
         };
         let flushed = backend.flush().await;
-        // Dropping the backend releases its files (for sled, the directory
+        // Releasing the backend frees its files (for sled, the directory
         // lock), so the same path can be opened again.
-        drop(backend);
+        backend.release().await;
         state.leases.clear();
         let closed = self.inner.closed();
         for watcher in state.watchers.drain(..) {

@@ -36,6 +36,11 @@ impl LocalMetadata<SledBackend> {
         let db = ::sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
+            // Every commit is flushed already (`KvBackend::flush`); without
+            // the background flusher thread, which held the directory lock
+            // for up to its period after the store was dropped, `close`
+            // releases the directory at once.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| sled_error(path, "opening sled metadata store", e))?;
         let tree = db
@@ -99,6 +104,20 @@ impl KvBackend for SledBackend {
             .map_err(|e| sled_error(&self.path, "writing sled metadata", e))
     }
 
+    fn release(self) -> impl Future<Output = ()> + Send {
+        let lock_file = self.path.join("db");
+        drop(self);
+        async move {
+            // sled's own threads drop their handles, and with the last one
+            // the directory lock, a moment after ours are gone: wait
+            // (bounded) until the lock is free.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline && locked(&lock_file) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    }
+
     fn flush(&self) -> impl Future<Output = Result<()>> + Send {
         let tree = self.tree.clone();
         let path = self.path.clone();
@@ -117,6 +136,19 @@ impl KvBackend for SledBackend {
 }
 
 /// A sled error as a Torus error that names the path.
+/// Whether another open file holds the exclusive `flock` sled takes on its
+/// `db` file.
+fn locked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor owned by `file`, alive for the call.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // The lock, if taken, goes with `file` when it is closed here.
+    r != 0
+}
+
 fn sled_error(path: &Path, doing: &str, error: ::sled::Error) -> Error {
     let at = path.display();
     match error {
