@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use torus_integration::etcd::EtcdServer;
+use torus_integration::etcd::{EtcdServer, TestCertificates};
 use torus_integration::nbd::Client;
 use torus_integration::{checksum, ctl_etcd, pattern, require, run_ok, Torusd};
 
@@ -383,4 +383,68 @@ fn ring_membership_is_explicit_without_auto_join() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `torusctl` and `torusd` on an etcd that requires client certificates,
+/// with the original's flag names; without the client certificate `torusd`
+/// stops with a one-line error naming etcd.
+#[test]
+fn torusd_and_torusctl_use_etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCertificates::generate(&dir.path().join("etcd-certs"));
+    let etcd = EtcdServer::start_tls(certs.server_tls());
+    let e = etcd.endpoint();
+    let (ca, cert, key) = (
+        certs.ca_file.display().to_string(),
+        certs.client_cert.display().to_string(),
+        certs.client_key.display().to_string(),
+    );
+    let tls = [
+        "--etcd-ca-file",
+        ca.as_str(),
+        "--etcd-cert-file",
+        cert.as_str(),
+        "--etcd-key-file",
+        key.as_str(),
+    ];
+    let ctl = |args: &[&str]| {
+        run_ok(
+            Command::new(torus_integration::bin("torusctl"))
+                .args(["--etcd", &e])
+                .args(tls)
+                .args(args),
+            Duration::from_secs(30),
+        )
+    };
+    ctl(&["init", "--replication", "1"]);
+    let mut args = vec!["--size", "256MiB"];
+    args.extend(tls);
+    let node = Torusd::start_cluster(&dir.path().join("n"), &e, &args);
+    wait_for(
+        "the node registered over TLS",
+        Duration::from_secs(20),
+        || ctl(&["list-peers"]).contains(" OK "),
+    );
+    ctl(&["volume", "create-block", "t", "8MiB"]);
+    let mut c = Client::connect(node.nbd, "t").expect("open the volume");
+    c.write(0, b"over etcd with TLS").expect("write");
+    c.flush().expect("flush");
+    assert_eq!(c.read(0, 18).expect("read"), b"over etcd with TLS");
+
+    // The same node without its client certificate is refused by etcd.
+    let out = torus_integration::run_with_timeout(
+        Command::new(torus_integration::bin("torusd"))
+            .arg("--data-dir")
+            .arg(dir.path().join("no-cert"))
+            .args(["--etcd", &e, "--etcd-ca-file", &ca])
+            .args(["--nbd-listen", "127.0.0.1:0", "--port", "0"])
+            .env("TORUS_METADATA__DIAL_TIMEOUT", "2s"),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "torusd started without a client certificate"
+    );
+    assert!(stderr.contains(&e), "the error must name etcd: {stderr}");
 }
