@@ -421,7 +421,7 @@ async fn accept_connection(
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, handler.clone(), conn.clone(), peer, opts.max_frame));
+                    streams.spawn(serve_stream(send, recv, handler.clone(), conn.clone(), peer, opts.clone()));
                 }
                 Err(e) => break e,
             },
@@ -438,14 +438,23 @@ async fn serve_stream(
     handler: Arc<dyn PeerHandler>,
     conn: Connection,
     peer: SocketAddr,
-    max_frame: u32,
+    opts: QuicOptions,
 ) {
-    let bytes = match recv
-        .read_to_end(wire::LEN_PREFIX + max_frame as usize)
-        .await
-    {
-        Ok(b) => b,
-        Err(quinn::ReadToEndError::TooLong) => {
+    let max_frame = opts.max_frame;
+    // A stream left open without its request would hold one of the peer's
+    // stream slots forever: give it as long as a call may take.
+    let read = timeout(
+        opts.request_timeout,
+        recv.read_to_end(wire::LEN_PREFIX + max_frame as usize),
+    );
+    let bytes = match read.await {
+        Err(_) => {
+            debug!(%peer, "request stream not finished within {:?}", opts.request_timeout);
+            let _ = recv.stop(VarInt::from_u32(2));
+            return;
+        }
+        Ok(Ok(b)) => b,
+        Ok(Err(quinn::ReadToEndError::TooLong)) => {
             let e = WireError::Oversize {
                 len: u64::from(max_frame) + 1,
                 max: max_frame,
@@ -454,7 +463,7 @@ async fn serve_stream(
             conn.close(VarInt::from_u32(1), b"frame over the limit");
             return;
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             debug!(%peer, error = %e, "request stream ended early");
             return;
         }

@@ -276,6 +276,18 @@ async fn raw_tcp_tls(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, boo
 /// Opens a QUIC connection with `config` and sends a ping on a stream.
 /// Returns the client's port and whether a reply came back.
 async fn raw_quic(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) {
+    let ping = wire::encode_request(1, &PeerRequest::Ping, wire::DEFAULT_MAX_FRAME).unwrap();
+    let (port, reply) = raw_quic_send(addr, config, &ping.to_vec()).await;
+    (port, reply.is_some_and(|r| !r.is_empty()))
+}
+
+/// Opens a QUIC connection with `config`, sends `bytes` on one stream and
+/// returns the client's port and the stream's reply (`None`: refused or reset).
+async fn raw_quic_send(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    bytes: &[u8],
+) -> (u16, Option<Vec<u8>>) {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = endpoint.local_addr().unwrap().port();
@@ -290,15 +302,14 @@ async fn raw_quic(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) 
             .await
             .ok()?;
         let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        let ping = wire::encode_request(1, &PeerRequest::Ping, wire::DEFAULT_MAX_FRAME).unwrap();
-        send.write_all(&ping.to_vec()).await.ok()?;
+        send.write_all(bytes).await.ok()?;
         send.finish().ok()?;
         recv.read_to_end(1 << 16).await.ok()
     };
     let reply = timeout(Duration::from_secs(10), attempt)
         .await
         .expect("the server must answer or refuse within 10 s");
-    (port, reply.is_some_and(|r| !r.is_empty()))
+    (port, reply)
 }
 
 async fn raw(kind: &str, addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) {
@@ -532,4 +543,55 @@ fn missing_or_bad_files_are_errors_naming_the_file() {
     files.ca = files.key.clone();
     let e = PeerTls::load(files).expect_err("a key is not a CA certificate");
     assert!(e.to_string().contains("n.key"), "{e}");
+}
+
+#[tokio::test]
+async fn junk_on_a_quic_stream_closes_only_that_connection_with_a_warning() {
+    let (log, _guard) = Log::capture();
+    let pki = Pki::new();
+    let server = quic(pki.node("server"));
+    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let at = l.local_addr();
+    let client = quic(pki.node("client"));
+    assert_eq!(
+        client.call(&at, PeerRequest::Ping).await.unwrap(),
+        PeerResponse::Pong
+    );
+    let config = PeerTls::load(pki.node("raw")).unwrap().client_config();
+    let reply = wire::encode_response(1, &Ok(PeerResponse::Pong), wire::DEFAULT_MAX_FRAME)
+        .unwrap()
+        .to_vec();
+    let mut over_limit = vec![0xff; 4];
+    over_limit.extend_from_slice(&[0; 16]);
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &reply[..],
+        &over_limit[..],
+        &[][..],
+    ] {
+        let (port, answer) = raw_quic_send(&at, config.clone(), junk).await;
+        assert!(
+            answer.is_none_or(|a| a.is_empty()),
+            "junk {junk:?} got an answer"
+        );
+        let needle = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if log.text().contains(&needle) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            log.text()
+                .lines()
+                .any(|l| l.contains("closing peer connection") && l.contains(&needle)),
+            "junk {junk:?}: no warning naming {needle}:\n{}",
+            log.text()
+        );
+    }
+    // Other connections carry on.
+    assert_eq!(
+        client.call(&at, PeerRequest::Ping).await.unwrap(),
+        PeerResponse::Pong
+    );
 }
