@@ -595,3 +595,29 @@ async fn junk_on_a_quic_stream_closes_only_that_connection_with_a_warning() {
         PeerResponse::Pong
     );
 }
+
+#[tokio::test]
+async fn watching_reloads_when_the_files_change() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let files = old.node("server");
+    let tls = PeerTls::load(files.clone()).unwrap();
+    let _watch = tls.watch(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(tls.reloads(), 0, "reloaded without a change");
+    replace_files(&new.node("server"), &files);
+    for _ in 0..250 {
+        if tls.reloads() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tls.reloads(), 1, "the change was not picked up within 5 s");
+    // The watcher ends with the certificates it watches.
+    let watch = tls.watch(Duration::from_millis(20));
+    drop(tls);
+    timeout(Duration::from_secs(5), watch)
+        .await
+        .expect("the watcher must stop once its PeerTls is dropped")
+        .unwrap();
+}
