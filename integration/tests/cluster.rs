@@ -1,10 +1,11 @@
 //! A real cluster: etcd plus three `torusd` processes on loopback, driven by
-//! `torusctl --etcd` and real NBD clients.
+//! `torusctl --etcd` and real NBD clients. The replication test runs over
+//! plain TCP and over QUIC with mutual TLS (certificates from `torusctl certs`).
 
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use torus_integration::etcd::EtcdServer;
+use torus_integration::etcd::{EtcdServer, TestCertificates};
 use torus_integration::nbd::Client;
 use torus_integration::{checksum, ctl_etcd, pattern, require, run_ok, Torusd};
 
@@ -31,17 +32,25 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 }
 
 fn start_three(dir: &tempfile::TempDir, etcd: &str) -> Vec<Torusd> {
+    start_three_with(dir, etcd, &|_| Vec::new())
+}
+
+/// Three nodes; node `i` gets the extra flags `extra(i)`.
+fn start_three_with(
+    dir: &tempfile::TempDir,
+    etcd: &str,
+    extra: &dyn Fn(usize) -> Vec<String>,
+) -> Vec<Torusd> {
     ctl_etcd(
         etcd,
         &["init", "--replication", "3", "--block-size", "1MiB"],
     );
     let nodes: Vec<Torusd> = (0..3)
         .map(|i| {
-            Torusd::start_cluster(
-                &dir.path().join(format!("n{i}")),
-                etcd,
-                &["--size", "512MiB"],
-            )
+            let more = extra(i);
+            let mut args = vec!["--size", "512MiB"];
+            args.extend(more.iter().map(String::as_str));
+            Torusd::start_cluster(&dir.path().join(format!("n{i}")), etcd, &args)
         })
         .collect();
     wait_for("three OK peers", Duration::from_secs(20), || {
@@ -53,11 +62,87 @@ fn start_three(dir: &tempfile::TempDir, etcd: &str) -> Vec<Torusd> {
 
 #[test]
 fn replicated_volume_survives_a_killed_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    replicated_volume_survives_a_killed_peer_on(&dir, &|_| Vec::new(), &|_| {});
+}
+
+#[test]
+fn replicated_volume_survives_a_killed_peer_over_quic_with_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.display().to_string();
+    let ctl = |args: &[&str]| {
+        run_ok(
+            Command::new(torus_integration::bin("torusctl")).args(args),
+            Duration::from_secs(30),
+        )
+    };
+    ctl(&["certs", "init", "--dir", &certs_arg]);
+    for i in 0..3 {
+        let out = ctl(&[
+            "certs",
+            "node",
+            &format!("n{i}"),
+            "--dir",
+            &certs_arg,
+            "--ip",
+            "127.0.0.1",
+        ]);
+        assert!(out.contains("[transport.tls]"), "{out}");
+    }
+    let flags = |i: usize| -> Vec<String> {
+        let file = |ext: &str| certs.join(format!("n{i}.{ext}")).display().to_string();
+        vec![
+            "--peer-transport".into(),
+            "quic".into(),
+            "--peer-cert-file".into(),
+            file("crt"),
+            "--peer-key-file".into(),
+            file("key"),
+            "--peer-ca-file".into(),
+            certs.join("ca.crt").display().to_string(),
+        ]
+    };
+    // After the data is written: SIGHUP reloads A's certificates, and the
+    // volume carries on over the connections already open.
+    let reload = |nodes: &mut Vec<Torusd>| {
+        // The peer port is UDP: nothing answers TCP there.
+        for n in nodes.iter() {
+            let peer = n.peer.clone().expect("peer address");
+            assert!(
+                std::net::TcpStream::connect(&peer).is_err(),
+                "{peer} accepts TCP: the node is not on QUIC"
+            );
+        }
+        run_ok(
+            Command::new("kill").args(["-HUP", &nodes[0].pid().to_string()]),
+            Duration::from_secs(5),
+        );
+        wait_for(
+            "A to reload its certificates",
+            Duration::from_secs(10),
+            || {
+                nodes[0]
+                    .log_text()
+                    .contains("peer TLS certificates reloaded")
+            },
+        );
+    };
+    replicated_volume_survives_a_killed_peer_on(&dir, &flags, &reload);
+}
+
+/// Three nodes started with `extra(i)`: write 64 MiB at replication 3, call
+/// `between` (nodes running, data written), kill B, then A and C still read
+/// and write everything.
+fn replicated_volume_survives_a_killed_peer_on(
+    dir: &tempfile::TempDir,
+    extra: &dyn Fn(usize) -> Vec<String>,
+    between: &dyn Fn(&mut Vec<Torusd>),
+) {
     require("nbdcopy");
     let etcd = EtcdServer::start();
     let e = etcd.endpoint();
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_three(&dir, &e);
+    let mut nodes = start_three_with(dir, &e, extra);
     let table = ctl_etcd(&e, &["list-peers"]);
     assert_eq!(table.matches(" OK ").count(), 3, "{table}");
     assert!(table.contains("Balanced: true"), "{table}");
@@ -84,6 +169,8 @@ fn replicated_volume_survives_a_killed_peer() {
             && p.iter()
                 .all(|p| p["info"]["used"].as_u64() == Some(64 * MIB))
     });
+
+    between(&mut nodes);
 
     // Kill B; A still reads and writes.
     nodes[1].kill9();
@@ -296,4 +383,68 @@ fn ring_membership_is_explicit_without_auto_join() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `torusctl` and `torusd` on an etcd that requires client certificates,
+/// with the original's flag names; without the client certificate `torusd`
+/// stops with a one-line error naming etcd.
+#[test]
+fn torusd_and_torusctl_use_etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCertificates::generate(&dir.path().join("etcd-certs"));
+    let etcd = EtcdServer::start_tls(certs.server_tls());
+    let e = etcd.endpoint();
+    let (ca, cert, key) = (
+        certs.ca_file.display().to_string(),
+        certs.client_cert.display().to_string(),
+        certs.client_key.display().to_string(),
+    );
+    let tls = [
+        "--etcd-ca-file",
+        ca.as_str(),
+        "--etcd-cert-file",
+        cert.as_str(),
+        "--etcd-key-file",
+        key.as_str(),
+    ];
+    let ctl = |args: &[&str]| {
+        run_ok(
+            Command::new(torus_integration::bin("torusctl"))
+                .args(["--etcd", &e])
+                .args(tls)
+                .args(args),
+            Duration::from_secs(30),
+        )
+    };
+    ctl(&["init", "--replication", "1"]);
+    let mut args = vec!["--size", "256MiB"];
+    args.extend(tls);
+    let node = Torusd::start_cluster(&dir.path().join("n"), &e, &args);
+    wait_for(
+        "the node registered over TLS",
+        Duration::from_secs(20),
+        || ctl(&["list-peers"]).contains(" OK "),
+    );
+    ctl(&["volume", "create-block", "t", "8MiB"]);
+    let mut c = Client::connect(node.nbd, "t").expect("open the volume");
+    c.write(0, b"over etcd with TLS").expect("write");
+    c.flush().expect("flush");
+    assert_eq!(c.read(0, 18).expect("read"), b"over etcd with TLS");
+
+    // The same node without its client certificate is refused by etcd.
+    let out = torus_integration::run_with_timeout(
+        Command::new(torus_integration::bin("torusd"))
+            .arg("--data-dir")
+            .arg(dir.path().join("no-cert"))
+            .args(["--etcd", &e, "--etcd-ca-file", &ca])
+            .args(["--nbd-listen", "127.0.0.1:0", "--port", "0"])
+            .env("TORUS_METADATA__DIAL_TIMEOUT", "2s"),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "torusd started without a client certificate"
+    );
+    assert!(stderr.contains(&e), "the error must name etcd: {stderr}");
 }

@@ -13,6 +13,25 @@ fn node(dir: &tempfile::TempDir) -> Torusd {
     Torusd::start(&dir.path().join("node"), &["--size", "1GiB"])
 }
 
+/// A node whose pool is in an object store: a `file://` bucket under `dir`.
+fn object_node(dir: &tempfile::TempDir) -> Torusd {
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir_all(&bucket).unwrap();
+    let config = dir.path().join("torus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nbackend = \"object\"\nurl = \"file://{}\"\nsize = \"512MiB\"\n",
+            bucket.display()
+        ),
+    )
+    .unwrap();
+    Torusd::start(
+        &dir.path().join("node"),
+        &["--config", &config.display().to_string()],
+    )
+}
+
 fn write_file(path: &std::path::Path, data: &[u8]) {
     let mut f = std::fs::File::create(path).expect("create");
     f.write_all(data).expect("write");
@@ -73,9 +92,18 @@ fn nbdinfo_reports_size_flags_and_lists_volumes() {
 
 #[test]
 fn qemu_img_convert_in_and_compare_out() {
+    qemu_img_convert_in_and_compare_out_on(node);
+}
+
+#[test]
+fn qemu_img_convert_in_and_compare_out_on_a_pool_in_an_object_store() {
+    qemu_img_convert_in_and_compare_out_on(object_node);
+}
+
+fn qemu_img_convert_in_and_compare_out_on(start: fn(&tempfile::TempDir) -> Torusd) {
     require("qemu-img");
     let dir = tempfile::tempdir().unwrap();
-    let t = node(&dir);
+    let t = start(&dir);
     t.ctl_ok(&["volume", "create-block", "img", "64MiB"]);
     let src = dir.path().join("src.raw");
     write_file(&src, &pattern(1, 64 * MIB as usize));
@@ -145,9 +173,18 @@ fn nbdcopy_round_trip_and_several_clients_on_several_volumes() {
 
 #[test]
 fn fio_random_writes_verify_crc32c() {
+    fio_random_writes_verify_crc32c_on(node);
+}
+
+#[test]
+fn fio_random_writes_verify_crc32c_on_a_pool_in_an_object_store() {
+    fio_random_writes_verify_crc32c_on(object_node);
+}
+
+fn fio_random_writes_verify_crc32c_on(start: fn(&tempfile::TempDir) -> Torusd) {
     require("fio");
     let dir = tempfile::tempdir().unwrap();
-    let t = node(&dir);
+    let t = start(&dir);
     t.ctl_ok(&["volume", "create-block", "fio", "64MiB"]);
     let out = run_ok(
         Command::new("fio").args([
@@ -228,20 +265,7 @@ fn a_pool_in_an_object_store_round_trips_through_a_restart() {
     require("nbdcopy");
     let dir = tempfile::tempdir().unwrap();
     let bucket = dir.path().join("bucket");
-    std::fs::create_dir_all(&bucket).unwrap();
-    let config = dir.path().join("torus.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\nbackend = \"object\"\nurl = \"file://{}\"\nsize = \"512MiB\"\n",
-            bucket.display()
-        ),
-    )
-    .unwrap();
-    let mut t = Torusd::start(
-        &dir.path().join("node"),
-        &["--config", &config.display().to_string()],
-    );
+    let mut t = object_node(&dir);
     t.ctl_ok(&["volume", "create-block", "obj", "32MiB"]);
     let src = dir.path().join("obj.in");
     write_file(&src, &pattern(77, 32 * MIB as usize));

@@ -22,13 +22,15 @@ use torus_frontends::nbd::{NbdFrontend, NbdOptions};
 use torus_traits::{
     BlockStore, Error, Frontend, MetadataStore, PeerId, PeerTransport, Result, VolumeProvider,
 };
-use torus_transports::{TcpOptions, TcpTransport};
+use torus_transports::{PeerTls, QuicOptions, QuicTransport, TcpOptions, TcpTransport};
 
 /// A node with its services running.
 pub struct RunningNode {
     pub node: Node,
     pub nbd_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// Peer TLS certificates, when configured: [`PeerTls::reload`] on SIGHUP.
+    pub peer_tls: Option<Arc<PeerTls>>,
     stop: tokio::sync::watch::Sender<bool>,
     services: Vec<(&'static str, JoinHandle<Result<()>>)>,
 }
@@ -147,6 +149,41 @@ pub async fn open_store(cfg: &Config, chunk_size: u64) -> Result<Arc<dyn BlockSt
     })
 }
 
+/// A node's peer transport (none without peers) and its TLS certificates.
+pub type PeerSetup = (Option<Arc<dyn PeerTransport>>, Option<Arc<PeerTls>>);
+
+/// The configured peer transport (none for a node without peers), with its
+/// TLS certificates when `[transport.tls]` is set. Certificates are checked
+/// for changes every `reload_interval` for as long as they are in use.
+pub fn open_transport(cfg: &Config) -> Result<PeerSetup> {
+    let kind = cfg.transport_kind();
+    let tls = match (kind, cfg.transport.tls.files()) {
+        (TransportKind::None, _) | (_, None) => None,
+        (_, Some(files)) => {
+            let tls = PeerTls::load(files)?;
+            let every = cfg.transport.tls.reload_interval;
+            if !every.is_zero() {
+                tls.watch(every);
+            }
+            Some(tls)
+        }
+    };
+    let transport: Option<Arc<dyn PeerTransport>> = match kind {
+        TransportKind::None => None,
+        TransportKind::Tcp => Some(Arc::new(TcpTransport::new(TcpOptions {
+            tls: tls.clone(),
+            ..TcpOptions::default()
+        }))),
+        TransportKind::Quic => {
+            let tls = tls.clone().ok_or_else(|| {
+                Error::InvalidArgument("transport kind \"quic\" needs [transport.tls]".into())
+            })?;
+            Some(Arc::new(QuicTransport::new(QuicOptions::new(tls))))
+        }
+    };
+    Ok((transport, tls))
+}
+
 async fn bind(what: &str, addr: &str) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -180,14 +217,8 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
         .address
         .clone()
         .unwrap_or_else(|| format!("nbd://{}", cfg.nbd.listen));
-    let (transport, peer_listen): (Option<Arc<dyn PeerTransport>>, Option<String>) =
-        match cfg.transport_kind() {
-            TransportKind::Tcp => (
-                Some(Arc::new(TcpTransport::new(TcpOptions::default()))),
-                Some(cfg.transport.listen.clone()),
-            ),
-            TransportKind::None => (None, None),
-        };
+    let (transport, peer_tls) = open_transport(cfg)?;
+    let peer_listen = transport.is_some().then(|| cfg.transport.listen.clone());
     let opts = NodeOptions {
         id,
         address,
@@ -239,6 +270,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
         node,
         nbd_addr: nbd_bound,
         admin_addr: admin_bound,
+        peer_tls,
         stop,
         services,
     })

@@ -30,8 +30,10 @@ pub enum MetadataBackend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
-    /// Length-prefixed binary frames over TCP.
+    /// Length-prefixed binary frames over TCP (TLS when `[transport.tls]` is set).
     Tcp,
+    /// QUIC: one stream per request, always mutual TLS (`[transport.tls]` required).
+    Quic,
     /// No peer port: the node holds every replica itself (single node).
     None,
 }
@@ -73,13 +75,54 @@ pub struct MetadataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransportConfig {
-    /// `tcp` or `none`; unset means `tcp` with etcd and `none` otherwise
-    /// (an embedded node has no peers to talk to).
+    /// `tcp`, `quic` or `none`; unset means `tcp` with etcd and `none`
+    /// otherwise (an embedded node has no peers to talk to).
     pub kind: Option<TransportKind>,
-    /// Address to listen on for peers.
+    /// Address to listen on for peers (a UDP port for QUIC).
     pub listen: String,
     /// Address other peers should dial, when it differs from `listen`.
     pub advertise: Option<String>,
+    /// Mutual TLS between peers: all of `cert`, `key` and `ca`, or none.
+    pub tls: PeerTlsConfig,
+}
+
+/// `[transport.tls]`: this node's certificate and key, and the cluster CA
+/// that every peer's certificate must be signed by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsConfig {
+    /// This node's certificate (PEM), signed by the cluster CA.
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The cluster CA certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// How often to check the three files for changes and reload them
+    /// (SIGHUP reloads at once); `0s` turns the polling off.
+    #[serde(with = "torus_backends::duration_text")]
+    pub reload_interval: Duration,
+}
+
+impl Default for PeerTlsConfig {
+    fn default() -> Self {
+        PeerTlsConfig {
+            cert: None,
+            key: None,
+            ca: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PeerTlsConfig {
+    /// The files, when TLS is configured (validated: all three or none).
+    pub fn files(&self) -> Option<torus_transports::TlsFiles> {
+        Some(torus_transports::TlsFiles {
+            cert: self.cert.clone()?,
+            key: self.key.clone()?,
+            ca: self.ca.clone()?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +223,7 @@ impl Default for TransportConfig {
             kind: None,
             listen: "127.0.0.1:40000".into(),
             advertise: None,
+            tls: PeerTlsConfig::default(),
         }
     }
 }
@@ -277,6 +321,12 @@ pub struct Overrides {
     pub etcd_ca_file: Option<PathBuf>,
     pub etcd_cert_file: Option<PathBuf>,
     pub etcd_key_file: Option<PathBuf>,
+    /// `--peer-transport tcp|quic`.
+    pub peer_transport: Option<String>,
+    /// `--peer-cert-file`, `--peer-key-file`, `--peer-ca-file`: `[transport.tls]`.
+    pub peer_cert_file: Option<PathBuf>,
+    pub peer_key_file: Option<PathBuf>,
+    pub peer_ca_file: Option<PathBuf>,
 }
 
 /// A configuration error: one line naming the key and its source.
@@ -360,12 +410,27 @@ impl Config {
                 "transport.listen",
                 strip_scheme(p).to_string().into(),
             )?;
-            builder = set(builder, "transport.kind", "tcp".into())?;
+            // Listening for peers needs a transport: TCP, unless the file or
+            // the environment already chose one.
+            let chosen = builder
+                .build_cloned()
+                .ok()
+                .and_then(|c| c.get_string("transport.kind").ok())
+                .is_some_and(|k| !k.is_empty());
+            if !chosen {
+                builder = set(builder, "transport.kind", "tcp".into())?;
+            }
+        }
+        if let Some(kind) = &flags.peer_transport {
+            builder = set(builder, "transport.kind", kind.clone().into())?;
         }
         for (key, value) in [
             ("metadata.ca_file", &flags.etcd_ca_file),
             ("metadata.cert_file", &flags.etcd_cert_file),
             ("metadata.key_file", &flags.etcd_key_file),
+            ("transport.tls.cert", &flags.peer_cert_file),
+            ("transport.tls.key", &flags.peer_key_file),
+            ("transport.tls.ca", &flags.peer_ca_file),
         ] {
             if let Some(v) = value {
                 builder = set(builder, key, v.display().to_string().into())?;
@@ -445,6 +510,22 @@ impl Config {
             return bad(
                 "storage.url",
                 "backend \"object\" needs a url such as s3://bucket/prefix or file:///dir".into(),
+            );
+        }
+        let tls = &self.transport.tls;
+        let given = [("cert", &tls.cert), ("key", &tls.key), ("ca", &tls.ca)];
+        if given.iter().any(|(_, v)| v.is_some()) {
+            if let Some((missing, _)) = given.iter().find(|(_, v)| v.is_none()) {
+                return bad(
+                    &format!("transport.tls.{missing}"),
+                    "peer TLS needs cert, key and ca together (create them with `torusctl certs init` and `torusctl certs node NAME`)".into(),
+                );
+            }
+        }
+        if self.transport_kind() == TransportKind::Quic && tls.files().is_none() {
+            return bad(
+                "transport.tls",
+                "kind \"quic\" is always TLS: set cert, key and ca (create them with `torusctl certs init` and `torusctl certs node NAME`)".into(),
             );
         }
         if self.node.lease_ttl < Duration::from_secs(1) {
@@ -560,6 +641,73 @@ mod tests {
         assert_eq!(c.nbd.listen, "127.0.0.1:2");
         assert_eq!(c.admin.port, 9999);
         assert_eq!(c.node.lease_ttl, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn peer_tls_and_quic_from_file_env_and_flags() {
+        let c = load_text(
+            "[metadata]\nbackend = \"etcd\"\n[transport]\nkind = \"quic\"\n[transport.tls]\ncert = \"/c/n.crt\"\nkey = \"/c/n.key\"\nca = \"/c/ca.crt\"\nreload_interval = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.transport_kind(), TransportKind::Quic);
+        let files = c.transport.tls.files().expect("tls files");
+        assert_eq!(files.ca, PathBuf::from("/c/ca.crt"));
+        assert_eq!(c.transport.tls.reload_interval, Duration::from_secs(2));
+
+        // --peer-address keeps the file's kind; --peer-transport overrides it.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "[transport]\nkind = \"quic\"\n[transport.tls]\ncert = \"a\"\nkey = \"b\"\nca = \"c\""
+        )
+        .unwrap();
+        let flags = Overrides {
+            peer_address: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(f.path()), Vec::new(), &flags).unwrap();
+        assert_eq!(c.transport_kind(), TransportKind::Quic);
+        let flags = Overrides {
+            peer_address: Some("127.0.0.1:0".into()),
+            peer_transport: Some("tcp".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(f.path()), Vec::new(), &flags).unwrap();
+        assert_eq!(c.transport_kind(), TransportKind::Tcp);
+        assert!(c.transport.tls.files().is_some());
+
+        // Flags and environment variables.
+        let flags = Overrides {
+            etcd: Some("127.0.0.1:2379".into()),
+            peer_transport: Some("quic".into()),
+            peer_cert_file: Some("/f/n.crt".into()),
+            peer_key_file: Some("/f/n.key".into()),
+            ..Default::default()
+        };
+        let env = vec![(
+            "TORUS_TRANSPORT__TLS__CA".to_string(),
+            "/e/ca.crt".to_string(),
+        )];
+        let c = Config::load(None, env, &flags).unwrap();
+        let files = c.transport.tls.files().expect("tls files");
+        assert_eq!(
+            (files.cert, files.ca),
+            (PathBuf::from("/f/n.crt"), PathBuf::from("/e/ca.crt"))
+        );
+    }
+
+    #[test]
+    fn peer_tls_needs_all_three_files_and_quic_needs_tls() {
+        let e = load_text("[transport.tls]\ncert = \"a\"\nca = \"c\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("transport.tls.key"), "{e}");
+        let e = load_text("[metadata]\nbackend = \"etcd\"\n[transport]\nkind = \"quic\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("transport.tls") && e.contains("quic"), "{e}");
+        let e = load_text("[transport.tls]\ncrt = \"a\"\n").unwrap_err().0;
+        assert!(e.contains("crt"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod certs;
 pub mod cli;
 pub mod cluster;
 mod codec;

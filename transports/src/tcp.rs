@@ -17,9 +17,14 @@
 //! with a warning naming the peer and the reason; other connections carry on.
 //! Dropping the listener stops accepting and closes its connections.
 //!
-//! The connection code is generic over `AsyncRead`/`AsyncWrite` halves, so a
-//! TLS stream can carry the same framing later without changes here.
+//! **TLS.** With [`TcpOptions::tls`] set, every connection is TLS 1.3 with
+//! mutual authentication against the cluster CA (see [`crate::tls`]) before
+//! the peer handshake: a peer whose certificate is missing or not signed by
+//! the CA is refused, and logged with its address, before anything it sends
+//! is read as the protocol. The connection code is generic over
+//! `AsyncRead`/`AsyncWrite` halves, so plain and TLS streams share it.
 
+use crate::tls::PeerTls;
 use crate::wire::{
     self, Encoded, Frame, FrameDecoder, Handshake, Hello, Message, Version, WireError,
 };
@@ -64,6 +69,8 @@ pub struct TcpOptions {
     pub cluster: Option<String>,
     /// This node's peer id, announced in the handshake.
     pub peer_id: Option<PeerId>,
+    /// Mutual TLS for every connection, both ways; `None` is plain TCP.
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 impl Default for TcpOptions {
@@ -77,6 +84,7 @@ impl Default for TcpOptions {
             connections_per_peer: 1,
             cluster: None,
             peer_id: None,
+            tls: None,
         }
     }
 }
@@ -515,7 +523,31 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(addr, error = %e, "cannot set TCP_NODELAY");
     }
-    let (r, w) = stream.into_split();
+    let Some(tls) = &opts.tls else {
+        let (r, w) = stream.into_split();
+        return start_client(r, w, addr, opts).await;
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+    let stream = match timeout(
+        opts.handshake_timeout,
+        connector.connect(PeerTls::server_name(), stream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(Error::Unavailable(format!(
+                "TLS handshake with peer at {addr} failed: {e}"
+            )))
+        }
+        Err(_) => {
+            return Err(Error::Unavailable(format!(
+                "TLS handshake with peer at {addr} timed out after {:?}",
+                opts.handshake_timeout
+            )))
+        }
+    };
+    let (r, w) = tokio::io::split(stream);
     start_client(r, w, addr, opts).await
 }
 
@@ -719,11 +751,9 @@ async fn accept_loop(
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    let (r, w) = stream.into_split();
-                    conns.spawn(serve_connection(
-                        r,
-                        w,
-                        peer.to_string(),
+                    conns.spawn(accept_connection(
+                        stream,
+                        peer,
                         handler.clone(),
                         opts.clone(),
                         stats.clone(),
@@ -737,6 +767,36 @@ async fn accept_loop(
             // Reap finished connections so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+}
+
+/// Serves one accepted connection, first completing TLS when configured. A
+/// peer that fails the TLS handshake (no certificate, one not signed by the
+/// cluster CA, expired, or not TLS at all) is refused before anything it
+/// sends is read as the protocol.
+async fn accept_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<dyn PeerHandler>,
+    opts: Arc<TcpOptions>,
+    stats: Arc<ListenerStats>,
+) {
+    let Some(tls) = &opts.tls else {
+        let (r, w) = stream.into_split();
+        return serve_connection(r, w, peer.to_string(), handler, opts, stats).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    match timeout(opts.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let (r, w) = tokio::io::split(stream);
+            serve_connection(r, w, peer.to_string(), handler, opts, stats).await
+        }
+        Ok(Err(e)) => warn!(%peer, reason = %e, "refusing peer connection: TLS handshake failed"),
+        Err(_) => warn!(
+            %peer,
+            "refusing peer connection: no TLS handshake within {:?}",
+            opts.handshake_timeout
+        ),
     }
 }
 
@@ -847,12 +907,7 @@ where
                 let handler = handler.clone();
                 let replies = replies.clone();
                 tasks.spawn(async move {
-                    let result = AssertUnwindSafe(handler.handle(request))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(Error::Unavailable("peer handler panicked".to_string()))
-                        });
+                    let result = handle_request(&*handler, request).await;
                     if let Some(frame) = encode_reply(id, result, peer_max) {
                         // The writer is gone only when the connection is closing.
                         let _ = replies.send(frame).await;
@@ -878,8 +933,23 @@ where
     }
 }
 
+/// Runs the handler; a panic becomes an `Unavailable` reply.
+pub(crate) async fn handle_request(
+    handler: &dyn PeerHandler,
+    request: PeerRequest,
+) -> Result<PeerResponse> {
+    AssertUnwindSafe(handler.handle(request))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(Error::Unavailable("peer handler panicked".to_string())))
+}
+
 /// Encodes a reply; one too large for the peer becomes an error reply.
-fn encode_reply(id: u64, result: Result<PeerResponse>, peer_max: u32) -> Option<Encoded> {
+pub(crate) fn encode_reply(
+    id: u64,
+    result: Result<PeerResponse>,
+    peer_max: u32,
+) -> Option<Encoded> {
     match wire::encode_response(id, &result, peer_max) {
         Ok(frame) => Some(frame),
         Err(e) => {

@@ -6,7 +6,10 @@
 //! - `torusd R1`: one `torusd` on the embedded default (sled metadata, file
 //!   pool), replication 1;
 //! - `cluster R3`: three `torusd` nodes on a real etcd
-//!   (`torusctl --etcd E init --replication 3`), fio against node A;
+//!   (`torusctl --etcd E init --replication 3`), fio against node A, peers
+//!   over plain TCP; `cluster R3 tcp+tls` and `cluster R3 quic`: the same
+//!   with mutual TLS between peers over TCP, and over QUIC (certificates from
+//!   `torusctl certs`), so the cost of TLS and of QUIC shows side by side;
 //! - `nbdkit file`: `nbdkit file` on a sparse file (reference);
 //! - `qemu-nbd raw`: `qemu-nbd -f raw` on a sparse file (reference);
 //! - `torusd R1 large`: the same single node with a large sparse volume
@@ -28,7 +31,8 @@
 //! write pass before the read workloads.
 //!
 //! Output: a Markdown table on stdout (rows = workloads, columns = servers,
-//! plus the ratios torusd/nbdkit and cluster-R3/torusd-R1), then the peak RSS
+//! plus the ratios torusd/nbdkit, cluster-R3/torusd-R1, TLS/TCP and
+//! QUIC/TLS between the clusters), then the peak RSS
 //! (`VmHWM`) of every server process; `--json FILE` writes the same figures
 //! as JSON. Progress goes to stderr.
 //!
@@ -90,7 +94,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "torusd,cluster,nbdkit,qemu-nbd,torusd-large"
+        default_value = "torusd,cluster,cluster-tls,cluster-quic,nbdkit,qemu-nbd,torusd-large"
     )]
     only: Vec<Kind>,
     /// Volume size of the `torusd-large` run.
@@ -147,6 +151,8 @@ fn parse_size(s: &str) -> Res<u64> {
 enum Kind {
     Torusd,
     Cluster,
+    ClusterTls,
+    ClusterQuic,
     Nbdkit,
     QemuNbd,
     TorusdLarge,
@@ -157,15 +163,22 @@ impl Kind {
         match self {
             Kind::Torusd => "torusd",
             Kind::Cluster => "cluster",
+            Kind::ClusterTls => "cluster-tls",
+            Kind::ClusterQuic => "cluster-quic",
             Kind::Nbdkit => "nbdkit",
             Kind::QemuNbd => "qemu-nbd",
             Kind::TorusdLarge => "torusd-large",
         }
     }
+    fn is_cluster(self) -> bool {
+        matches!(self, Kind::Cluster | Kind::ClusterTls | Kind::ClusterQuic)
+    }
     fn label(self) -> &'static str {
         match self {
             Kind::Torusd => "torusd R1",
             Kind::Cluster => "cluster R3",
+            Kind::ClusterTls => "cluster R3 tcp+tls",
+            Kind::ClusterQuic => "cluster R3 quic",
             Kind::Nbdkit => "nbdkit file",
             Kind::QemuNbd => "qemu-nbd raw",
             Kind::TorusdLarge => "torusd R1 large",
@@ -810,7 +823,34 @@ fn start_single(ctx: &Ctx, dir: &Path) -> Res<Running> {
     })
 }
 
-fn start_cluster(ctx: &Ctx, dir: &Path) -> Res<Running> {
+/// Flags for node `name` of a `kind` cluster: none for plain TCP; for the
+/// TLS kinds, certificates made with `torusctl certs` under `dir/certs`.
+fn peer_flags(ctx: &Ctx, kind: Kind, dir: &Path, name: &str) -> Res<Vec<String>> {
+    let transport = match kind {
+        Kind::ClusterTls => "tcp",
+        Kind::ClusterQuic => "quic",
+        _ => return Ok(Vec::new()),
+    };
+    let certs = dir.join("certs");
+    let d = certs.display().to_string();
+    if !certs.join("ca.crt").exists() {
+        ctx.ctl(&[], &["certs", "init", "--dir", &d])?;
+    }
+    ctx.ctl(&[], &["certs", "node", name, "--dir", &d])?;
+    let file = |f: String| certs.join(f).display().to_string();
+    Ok(vec![
+        "--peer-transport".into(),
+        transport.into(),
+        "--peer-cert-file".into(),
+        file(format!("{name}.crt")),
+        "--peer-key-file".into(),
+        file(format!("{name}.key")),
+        "--peer-ca-file".into(),
+        file("ca.crt".into()),
+    ])
+}
+
+fn start_cluster(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
     // EtcdServer panics on failure (with etcd's log); turn that into an error.
     let etcd = std::panic::catch_unwind(EtcdServer::start).map_err(|p| {
         p.downcast_ref::<String>()
@@ -828,11 +868,18 @@ fn start_cluster(ctx: &Ctx, dir: &Path) -> Res<Running> {
     };
     ctx.ctl(&["--etcd", &e], &["init", "--replication", "3"])?;
     for name in ["A", "B", "C"] {
+        let node = format!("node-{name}");
+        let mut flags: Vec<String> = ["--etcd", &e, "--peer-address", "127.0.0.1:0", "--auto-join"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        flags.extend(peer_flags(ctx, kind, dir, &node)?);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let (proc, nbd, _admin) = start_torusd(
             ctx,
-            &format!("node-{name}"),
-            &dir.join(format!("node-{name}")),
-            &["--etcd", &e, "--peer-address", "127.0.0.1:0", "--auto-join"],
+            &format!("{}-{name}", kind.id()),
+            &dir.join(&node),
+            &flags,
         )?;
         if running.procs.is_empty() {
             running.uri = format!("nbd://{nbd}/{VOLUME}");
@@ -1058,7 +1105,7 @@ fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
     };
     let started = match kind {
         Kind::Torusd | Kind::TorusdLarge => start_single(ctx, &dir),
-        Kind::Cluster => start_cluster(ctx, &dir),
+        Kind::Cluster | Kind::ClusterTls | Kind::ClusterQuic => start_cluster(ctx, kind, &dir),
         Kind::Nbdkit | Kind::QemuNbd => start_reference(ctx, kind, &dir),
     };
     let running = match started {
@@ -1288,9 +1335,11 @@ fn rows() -> Vec<(String, &'static Workload, bool)> {
     rows
 }
 
-const RATIOS: [(Kind, Kind, &str); 3] = [
+const RATIOS: [(Kind, Kind, &str); 5] = [
     (Kind::Torusd, Kind::Nbdkit, "torusd/nbdkit"),
     (Kind::Cluster, Kind::Torusd, "R3/R1"),
+    (Kind::ClusterTls, Kind::Cluster, "TLS/TCP"),
+    (Kind::ClusterQuic, Kind::ClusterTls, "QUIC/TLS"),
     (Kind::TorusdLarge, Kind::Torusd, "large/R1"),
 ];
 
@@ -1413,7 +1462,7 @@ fn preflight(args: &Args, kinds: &[Kind]) -> Res<(PathBuf, PathBuf)> {
         .filter(|(p, _)| !on_path(p))
         .map(|(p, pkg)| format!("`{p}` is not installed: install the Debian package `{pkg}`"))
         .collect();
-    if kinds.contains(&Kind::Cluster) && !Path::new(ETCD_BIN).is_file() {
+    if kinds.iter().any(|k| k.is_cluster()) && !Path::new(ETCD_BIN).is_file() {
         missing.push(format!(
             "`{ETCD_BIN}` is not installed: install the Debian package `etcd-server`"
         ));
@@ -1444,7 +1493,7 @@ fn preflight(args: &Args, kinds: &[Kind]) -> Res<(PathBuf, PathBuf)> {
     };
     let torus_bins = kinds
         .iter()
-        .any(|k| matches!(k, Kind::Torusd | Kind::Cluster | Kind::TorusdLarge))
+        .any(|k| matches!(k, Kind::Torusd | Kind::TorusdLarge) || k.is_cluster())
         || args.volumes > 0;
     let (torusd, torusctl) = (dir.join("torusd"), dir.join("torusctl"));
     if torus_bins && !(torusd.is_file() && torusctl.is_file()) {

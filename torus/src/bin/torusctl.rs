@@ -3,7 +3,8 @@
 //! Talks to etcd directly with `--etcd HOST:PORT` (or `-C`, or
 //! `TORUS_ETCD`), from any machine that reaches it; otherwise to a node's
 //! admin endpoint (`--server`, default the local node at
-//! http://127.0.0.1:4321). Both run the same operations. Errors are one line
+//! http://127.0.0.1:4321). Both run the same operations. `certs` makes peer
+//! TLS certificates locally and talks to neither. Errors are one line
 //! on stderr and exit status 1.
 
 use clap::{Parser, Subcommand};
@@ -71,6 +72,41 @@ enum Command {
     Ring {
         #[command(subcommand)]
         command: RingCommand,
+    },
+    /// Create a cluster CA and node certificates for peer TLS (local files only).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Create the cluster CA: DIR/ca.crt and DIR/ca.key.
+    Init {
+        /// Directory for the certificates.
+        #[arg(long, default_value = "torus-certs")]
+        dir: std::path::PathBuf,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+    },
+    /// Create DIR/NAME.crt and DIR/NAME.key for a node, signed by the CA in DIR.
+    Node {
+        /// The node's name (also a DNS name on the certificate).
+        name: String,
+        /// Directory holding the CA; the node's files go there too.
+        #[arg(long, default_value = "torus-certs")]
+        dir: std::path::PathBuf,
+        /// Further IP addresses for the certificate (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// Further DNS names for the certificate (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u64,
     },
 }
 
@@ -187,6 +223,27 @@ async fn control(args: &Args) -> Result<Box<dyn Control>, String> {
 }
 
 async fn run(args: Args) -> Result<String, String> {
+    // Certificates are local files: no cluster to talk to.
+    if let Command::Certs { command } = &args.command {
+        return match command {
+            CertsCommand::Init { dir, days } => torus::certs::init(dir, *days),
+            CertsCommand::Node {
+                name,
+                dir,
+                ip,
+                dns,
+                days,
+            } => {
+                let extra: Vec<String> = dns
+                    .iter()
+                    .cloned()
+                    .chain(ip.iter().map(|i| i.to_string()))
+                    .collect();
+                torus::certs::node(dir, name, &extra, *days)
+            }
+        }
+        .map_err(|e| e.to_string());
+    }
     let ctl = control(&args).await?;
     let ctl: &dyn Control = &*ctl;
     let e = |e: torus_traits::Error| e.to_string();
@@ -247,6 +304,7 @@ async fn run(args: Args) -> Result<String, String> {
             };
             Ok(ring_text(&ring))
         }
+        Command::Certs { .. } => unreachable!("handled above"),
         Command::ListPeers { json } => {
             let peers = ctl.list_peers().await.map_err(e)?;
             if json {

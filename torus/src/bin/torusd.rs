@@ -3,7 +3,7 @@
 //! With no arguments it runs the embedded single node: sled metadata and a
 //! file-backed pool under `./torus-data`, NBD on 127.0.0.1:10809, the admin
 //! endpoint for `torusctl` on 127.0.0.1:4321. SIGINT or SIGTERM flushes
-//! everything and exits 0; a bad configuration or a port in use exits 1 with
+//! everything and exits 0; SIGHUP reloads the peer TLS certificates; a bad configuration or a port in use exits 1 with
 //! one line saying what is wrong.
 
 use clap::Parser;
@@ -61,6 +61,18 @@ struct Args {
     /// Client key for etcd.
     #[arg(long, value_name = "FILE")]
     etcd_key_file: Option<PathBuf>,
+    /// Peer transport: tcp or quic [default: tcp with --etcd].
+    #[arg(long, value_name = "KIND")]
+    peer_transport: Option<String>,
+    /// This node's peer certificate, signed by the cluster CA (turns on peer TLS).
+    #[arg(long, value_name = "FILE")]
+    peer_cert_file: Option<PathBuf>,
+    /// This node's peer private key.
+    #[arg(long, value_name = "FILE")]
+    peer_key_file: Option<PathBuf>,
+    /// The cluster CA every peer's certificate must be signed by.
+    #[arg(long, value_name = "FILE")]
+    peer_ca_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +91,10 @@ fn main() -> ExitCode {
         etcd_ca_file: args.etcd_ca_file,
         etcd_cert_file: args.etcd_cert_file,
         etcd_key_file: args.etcd_key_file,
+        peer_transport: args.peer_transport,
+        peer_cert_file: args.peer_cert_file,
+        peer_key_file: args.peer_key_file,
+        peer_ca_file: args.peer_ca_file,
     };
     let cfg = match Config::load(args.config.as_deref(), std::env::vars(), &flags) {
         Ok(c) => c,
@@ -132,13 +148,24 @@ async fn run(cfg: Config) -> Result<(), String> {
         running.node.peer_address().unwrap_or_else(|| "off".into()),
         running.node.id()
     );
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("signal handler: {e}"))?;
+    let peer_tls = running.peer_tls.clone();
     let failed = {
         let services = running.services_mut();
-        let any_done = futures::future::select_all(services.iter_mut().map(|(_, h)| h));
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); None }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); None }
-            (res, idx, _) = any_done => Some((idx, res)),
+        let mut any_done = futures::future::select_all(services.iter_mut().map(|(_, h)| h));
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break None }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break None }
+                _ = hup.recv() => match &peer_tls {
+                    // New peer connections use the new certificates; open ones carry on.
+                    Some(tls) => if let Err(e) = tls.reload() {
+                        tracing::warn!("SIGHUP: keeping the previous peer certificates: {e}");
+                    },
+                    None => tracing::info!("SIGHUP: no peer TLS certificates to reload"),
+                },
+                (res, idx, _) = &mut any_done => break Some((idx, res)),
+            }
         }
     };
     if let Some((idx, res)) = failed {

@@ -1,0 +1,623 @@
+//! Peer TLS: TCP+TLS and QUIC pass the transport conformance suite, mutual
+//! authentication refuses every peer without a certificate from the cluster
+//! CA (logging its address) and accepts a correct one, plain TCP to a TLS
+//! port fails cleanly, and reloaded certificates apply to new connections
+//! while open ones keep running.
+
+use rustls::pki_types::pem::PemObject;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use torus_traits::conformance::transport;
+use torus_traits::{
+    Error, PeerHandler, PeerListener, PeerRequest, PeerResponse, PeerTransport, Result,
+};
+use torus_transports::tls::{self, CertPem};
+use torus_transports::wire::{self, Handshake, Hello, Version};
+use torus_transports::{PeerTls, QuicOptions, QuicTransport, TcpOptions, TcpTransport, TlsFiles};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+struct Pong;
+
+#[async_trait::async_trait]
+impl PeerHandler for Pong {
+    async fn handle(&self, _: PeerRequest) -> Result<PeerResponse> {
+        Ok(PeerResponse::Pong)
+    }
+}
+
+/// Certificates on disk: two cluster CAs and node certificates of every kind.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertPem,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = tls::new_cluster_ca("test cluster CA", 30).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Files for a node certificate `name` signed by `ca`, trusting this PKI's CA.
+    fn node_signed_by(
+        &self,
+        ca: &CertPem,
+        name: &str,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> TlsFiles {
+        let pem = tls::new_node_cert(ca, name, &["127.0.0.1".into()], from, to).unwrap();
+        self.files(name, &pem)
+    }
+
+    fn node(&self, name: &str) -> TlsFiles {
+        let now = SystemTime::now();
+        self.node_signed_by(&self.ca.clone(), name, now - DAY, now + DAY)
+    }
+
+    fn files(&self, name: &str, pem: &CertPem) -> TlsFiles {
+        let cert = self.path(&format!("{name}.crt"));
+        let key = self.path(&format!("{name}.key"));
+        std::fs::write(&cert, &pem.cert).unwrap();
+        std::fs::write(&key, &pem.key).unwrap();
+        TlsFiles {
+            cert,
+            key,
+            ca: self.path("ca.pem"),
+        }
+    }
+
+    /// Every kind of certificate the cluster must refuse, by description.
+    fn bad_clients(&self) -> Vec<(&'static str, TlsFiles)> {
+        let now = SystemTime::now();
+        let self_signed = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params =
+                rcgen::CertificateParams::new(vec![tls::PEER_SERVER_NAME.to_string()]).unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            CertPem {
+                cert: cert.pem(),
+                key: key.serialize_pem(),
+            }
+        };
+        let other_ca = tls::new_cluster_ca("another CA", 30).unwrap();
+        vec![
+            ("self-signed", self.files("self-signed", &self_signed)),
+            (
+                "expired",
+                self.node_signed_by(&self.ca.clone(), "expired", now - 10 * DAY, now - DAY),
+            ),
+            (
+                "from another CA",
+                self.node_signed_by(&other_ca, "other-ca", now - DAY, now + DAY),
+            ),
+        ]
+    }
+}
+
+fn tcp_tls(files: TlsFiles) -> TcpTransport {
+    TcpTransport::new(TcpOptions {
+        tls: Some(PeerTls::load(files).expect("load certificates")),
+        handshake_timeout: Duration::from_secs(3),
+        ..TcpOptions::default()
+    })
+}
+
+fn quic(files: TlsFiles) -> QuicTransport {
+    QuicTransport::new(QuicOptions {
+        connect_timeout: Duration::from_secs(3),
+        ..QuicOptions::new(PeerTls::load(files).expect("load certificates"))
+    })
+}
+
+/// Captures WARN logs of the current thread (tests run on a current-thread
+/// runtime, so the server's tasks log here).
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn capture() -> (Log, tracing::subscriber::DefaultGuard) {
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || sink.clone())
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (up to 5 s) for a refusal warning naming `port` on loopback.
+    async fn expect_refusal_of(&self, port: u16, what: &str) {
+        let needle = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            let text = self.text();
+            if text.lines().any(|l| {
+                l.contains("WARN") && l.contains("refusing peer connection") && l.contains(&needle)
+            }) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{what}: no refusal logged with the peer address {needle}; log:\n{}",
+            self.text()
+        );
+    }
+}
+
+fn expect_refused(what: &str, r: Result<PeerResponse>) {
+    match r {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("{what}: expected the call to be refused as Unavailable, got {other:?}"),
+    }
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+fn rustls_client_without_certificate(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![tls::ALPN.to_vec()];
+    Arc::new(config)
+}
+
+// ---------------------------------------------------------------------------
+// Conformance
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_with_tls_passes_the_transport_conformance_suite() {
+    let pki = Pki::new();
+    let t = tcp_tls(pki.node("a"));
+    transport::all(&t, &|_| "127.0.0.1:0".to_string()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_passes_the_transport_conformance_suite() {
+    let pki = Pki::new();
+    let t = quic(pki.node("a"));
+    transport::all(&t, &|_| "127.0.0.1:0".to_string()).await;
+}
+
+/// A transport of `kind` (`"tcp+tls"` or `"quic"`) with these certificates.
+fn secure(kind: &str, files: TlsFiles) -> Box<dyn PeerTransport> {
+    match kind {
+        "quic" => Box::new(quic(files)),
+        _ => Box::new(tcp_tls(files)),
+    }
+}
+
+const SECURE: [&str; 2] = ["tcp+tls", "quic"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_their_own_certificates_talk_both_ways() {
+    let pki = Pki::new();
+    for kind in SECURE {
+        let a = secure(kind, pki.node("a"));
+        let b = secure(kind, pki.node("b"));
+        let la = a.listen("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+        let lb = b.listen("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+        let b_to_a = b.call(&la.local_addr(), PeerRequest::Ping).await;
+        assert_eq!(b_to_a.unwrap(), PeerResponse::Pong, "{kind}");
+        let a_to_b = a.call(&lb.local_addr(), PeerRequest::Ping).await;
+        assert_eq!(a_to_b.unwrap(), PeerResponse::Pong, "{kind}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mutual authentication
+
+/// Connects over TCP with `config`, completes TLS if the server lets it, and
+/// sends a valid peer hello. Returns the client's port and whether the server
+/// answered the hello (rather than failing the handshake or closing).
+async fn raw_tcp_tls(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let Ok(mut s) = connector.connect(PeerTls::server_name(), tcp).await else {
+        return (port, false);
+    };
+    let hello = Hello {
+        version: Version::CURRENT,
+        max_frame: wire::DEFAULT_MAX_FRAME,
+        cluster: None,
+        peer: None,
+    };
+    if s.write_all(&wire::encode_handshake(&Handshake::Hello(hello)).unwrap())
+        .await
+        .is_err()
+    {
+        return (port, false);
+    }
+    let mut buf = [0u8; 256];
+    let read = timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the server must answer or close within 5 s");
+    (port, matches!(read, Ok(n) if n > 0))
+}
+
+/// Opens a QUIC connection with `config` and sends a ping on a stream.
+/// Returns the client's port and whether a reply came back.
+async fn raw_quic(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) {
+    let ping = wire::encode_request(1, &PeerRequest::Ping, wire::DEFAULT_MAX_FRAME).unwrap();
+    let (port, reply) = raw_quic_send(addr, config, &ping.to_vec()).await;
+    (port, reply.is_some_and(|r| !r.is_empty()))
+}
+
+/// Opens a QUIC connection with `config`, sends `bytes` on one stream and
+/// returns the client's port and the stream's reply (`None`: refused or reset).
+async fn raw_quic_send(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    bytes: &[u8],
+) -> (u16, Option<Vec<u8>>) {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = endpoint.local_addr().unwrap().port();
+    let attempt = async {
+        let conn = endpoint
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                addr.parse().unwrap(),
+                tls::PEER_SERVER_NAME,
+            )
+            .ok()?
+            .await
+            .ok()?;
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        send.write_all(bytes).await.ok()?;
+        send.finish().ok()?;
+        recv.read_to_end(1 << 16).await.ok()
+    };
+    let reply = timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("the server must answer or refuse within 10 s");
+    (port, reply)
+}
+
+async fn raw(kind: &str, addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) {
+    match kind {
+        "quic" => raw_quic(addr, config).await,
+        _ => raw_tcp_tls(addr, config).await,
+    }
+}
+
+#[tokio::test]
+async fn peers_without_a_certificate_from_the_cluster_ca_are_refused_and_logged() {
+    let (log, _guard) = Log::capture();
+    let pki = Pki::new();
+    for kind in SECURE {
+        let server = secure(kind, pki.node("server"));
+        let l = server.listen("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+        let at = l.local_addr();
+
+        // The correct certificate works, raw and through the transport.
+        let good = PeerTls::load(pki.node("good")).unwrap();
+        let (_, answered) = raw(kind, &at, good.client_config()).await;
+        assert!(
+            answered,
+            "{kind}: a client with a correct certificate must be served"
+        );
+        let client = secure(kind, pki.node("good"));
+        assert_eq!(
+            client.call(&at, PeerRequest::Ping).await.unwrap(),
+            PeerResponse::Pong
+        );
+
+        // No certificate at all.
+        let (port, answered) = raw(
+            kind,
+            &at,
+            rustls_client_without_certificate(&pki.path("ca.pem")),
+        )
+        .await;
+        assert!(
+            !answered,
+            "{kind}: a client without a certificate was served"
+        );
+        log.expect_refusal_of(port, &format!("{kind}, no certificate"))
+            .await;
+
+        // Self-signed, expired, and signed by another CA.
+        for (what, files) in pki.bad_clients() {
+            let bad = PeerTls::load(files.clone()).unwrap();
+            let (port, answered) = raw(kind, &at, bad.client_config()).await;
+            assert!(
+                !answered,
+                "{kind}: a client with a {what} certificate was served"
+            );
+            log.expect_refusal_of(port, &format!("{kind}, {what} certificate"))
+                .await;
+            let client = secure(kind, files);
+            expect_refused(
+                &format!("{kind}, {what}"),
+                client.call(&at, PeerRequest::Ping).await,
+            );
+        }
+        // The server still serves the good client.
+        assert_eq!(
+            client.call(&at, PeerRequest::Ping).await.unwrap(),
+            PeerResponse::Pong
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_refuses_a_server_outside_the_cluster_ca() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    for kind in SECURE {
+        let server = secure(kind, other.node("stranger"));
+        let l = server.listen("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+        let client = secure(kind, pki.node("good"));
+        expect_refused(kind, client.call(&l.local_addr(), PeerRequest::Ping).await);
+    }
+}
+
+#[tokio::test]
+async fn plain_tcp_to_a_tls_port_fails_cleanly() {
+    let (log, _guard) = Log::capture();
+    let pki = Pki::new();
+    let server = tcp_tls(pki.node("server"));
+    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let at = l.local_addr();
+    // The plain transport gets an error, not a hang.
+    let plain = TcpTransport::new(TcpOptions {
+        handshake_timeout: Duration::from_secs(3),
+        ..TcpOptions::default()
+    });
+    let r = timeout(Duration::from_secs(10), plain.call(&at, PeerRequest::Ping))
+        .await
+        .expect("a plain call to a TLS port must not hang");
+    expect_refused("plain TCP to TLS", r);
+    // A raw plain hello is refused and logged with the client's address.
+    let mut s = TcpStream::connect(&at).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    let hello = Hello {
+        version: Version::CURRENT,
+        max_frame: wire::DEFAULT_MAX_FRAME,
+        cluster: None,
+        peer: None,
+    };
+    s.write_all(&wire::encode_handshake(&Handshake::Hello(hello)).unwrap())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the server must close a plain connection");
+    assert!(
+        !buf.starts_with(&wire::MAGIC),
+        "a TLS port answered a plain peer handshake"
+    );
+    log.expect_refusal_of(port, "plain TCP").await;
+    // And TLS peers are still served.
+    let good = tcp_tls(pki.node("good"));
+    assert_eq!(
+        good.call(&at, PeerRequest::Ping).await.unwrap(),
+        PeerResponse::Pong
+    );
+    assert_eq!(port_of(&at), l.socket_addr().port());
+}
+
+// ---------------------------------------------------------------------------
+// Reload
+
+/// Copies `from`'s files over `to`'s paths and moves their modification
+/// time forward, as an operator replacing certificates would.
+fn replace_files(from: &TlsFiles, to: &TlsFiles) {
+    let later = SystemTime::now() + Duration::from_secs(10);
+    for (src, dst) in [
+        (&from.cert, &to.cert),
+        (&from.key, &to.key),
+        (&from.ca, &to.ca),
+    ] {
+        std::fs::copy(src, dst).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dst)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_certificates_apply_to_new_connections_and_open_ones_keep_running() {
+    for kind in SECURE {
+        let old = Pki::new();
+        let new = Pki::new();
+        let server_files = old.node("server");
+        let server_tls = PeerTls::load(server_files.clone()).unwrap();
+        let server: Box<dyn PeerTransport> = match kind {
+            "quic" => Box::new(QuicTransport::new(QuicOptions::new(server_tls.clone()))),
+            _ => Box::new(TcpTransport::new(TcpOptions {
+                tls: Some(server_tls.clone()),
+                ..TcpOptions::default()
+            })),
+        };
+        let l = server.listen("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+        let at = l.local_addr();
+        let old_client = secure(kind, old.node("old-client"));
+        assert_eq!(
+            old_client.call(&at, PeerRequest::Ping).await.unwrap(),
+            PeerResponse::Pong
+        );
+
+        // Unchanged files: nothing to reload.
+        assert!(!server_tls.reload_if_changed().unwrap(), "{kind}");
+        // The cluster moves to a new CA: the server's files are replaced.
+        replace_files(&new.node("server"), &server_files);
+        assert!(
+            server_tls.reload_if_changed().unwrap(),
+            "{kind}: change not seen"
+        );
+        assert_eq!(server_tls.reloads(), 1);
+
+        // The open connection keeps running.
+        assert_eq!(
+            old_client.call(&at, PeerRequest::Ping).await.unwrap(),
+            PeerResponse::Pong,
+            "{kind}: an open connection was dropped by the reload"
+        );
+        // A new connection gets the new certificates: a new-CA client is
+        // served, a fresh old-CA client is refused.
+        let new_client = secure(kind, new.node("new-client"));
+        assert_eq!(
+            new_client.call(&at, PeerRequest::Ping).await.unwrap(),
+            PeerResponse::Pong,
+            "{kind}"
+        );
+        let fresh_old = secure(kind, old.node("fresh-old-client"));
+        expect_refused(kind, fresh_old.call(&at, PeerRequest::Ping).await);
+    }
+}
+
+#[tokio::test]
+async fn a_broken_replacement_keeps_the_previous_certificates() {
+    let pki = Pki::new();
+    let files = pki.node("server");
+    let tls = PeerTls::load(files.clone()).unwrap();
+    std::fs::write(&files.key, "not a key").unwrap();
+    let e = tls.reload().expect_err("a broken key must not load");
+    assert!(e.to_string().contains("server.key"), "{e}");
+    let t = TcpTransport::new(TcpOptions {
+        tls: Some(tls),
+        ..TcpOptions::default()
+    });
+    let l = t.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let client = tcp_tls(pki.node("client"));
+    assert_eq!(
+        client
+            .call(&l.local_addr(), PeerRequest::Ping)
+            .await
+            .unwrap(),
+        PeerResponse::Pong
+    );
+}
+
+#[test]
+fn missing_or_bad_files_are_errors_naming_the_file() {
+    let pki = Pki::new();
+    let mut files = pki.node("n");
+    files.ca = pki.path("nope.pem");
+    let e = PeerTls::load(files.clone()).expect_err("missing CA");
+    assert!(e.to_string().contains("nope.pem"), "{e}");
+    files.ca = files.key.clone();
+    let e = PeerTls::load(files).expect_err("a key is not a CA certificate");
+    assert!(e.to_string().contains("n.key"), "{e}");
+}
+
+#[tokio::test]
+async fn junk_on_a_quic_stream_closes_only_that_connection_with_a_warning() {
+    let (log, _guard) = Log::capture();
+    let pki = Pki::new();
+    let server = quic(pki.node("server"));
+    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let at = l.local_addr();
+    let client = quic(pki.node("client"));
+    assert_eq!(
+        client.call(&at, PeerRequest::Ping).await.unwrap(),
+        PeerResponse::Pong
+    );
+    let config = PeerTls::load(pki.node("raw")).unwrap().client_config();
+    let reply = wire::encode_response(1, &Ok(PeerResponse::Pong), wire::DEFAULT_MAX_FRAME)
+        .unwrap()
+        .to_vec();
+    let mut over_limit = vec![0xff; 4];
+    over_limit.extend_from_slice(&[0; 16]);
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &reply[..],
+        &over_limit[..],
+        &[][..],
+    ] {
+        let (port, answer) = raw_quic_send(&at, config.clone(), junk).await;
+        assert!(
+            answer.is_none_or(|a| a.is_empty()),
+            "junk {junk:?} got an answer"
+        );
+        let needle = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if log.text().contains(&needle) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            log.text()
+                .lines()
+                .any(|l| l.contains("closing peer connection") && l.contains(&needle)),
+            "junk {junk:?}: no warning naming {needle}:\n{}",
+            log.text()
+        );
+    }
+    // Other connections carry on.
+    assert_eq!(
+        client.call(&at, PeerRequest::Ping).await.unwrap(),
+        PeerResponse::Pong
+    );
+}
+
+#[tokio::test]
+async fn watching_reloads_when_the_files_change() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let files = old.node("server");
+    let tls = PeerTls::load(files.clone()).unwrap();
+    let _watch = tls.watch(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(tls.reloads(), 0, "reloaded without a change");
+    replace_files(&new.node("server"), &files);
+    for _ in 0..250 {
+        if tls.reloads() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tls.reloads(), 1, "the change was not picked up within 5 s");
+    // The watcher ends with the certificates it watches.
+    let watch = tls.watch(Duration::from_millis(20));
+    drop(tls);
+    timeout(Duration::from_secs(5), watch)
+        .await
+        .expect("the watcher must stop once its PeerTls is dropped")
+        .unwrap();
+}
