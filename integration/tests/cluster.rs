@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use torus_integration::etcd::{EtcdServer, TestCertificates};
 use torus_integration::nbd::Client;
-use torus_integration::{checksum, ctl_etcd, pattern, require, run_ok, Torusd};
+use torus_integration::{checksum, ctl_etcd, pattern, require, run_ok, run_with_timeout, Torusd};
 
 const MIB: u64 = 1 << 20;
 
@@ -63,7 +63,7 @@ fn start_three_with(
 #[test]
 fn replicated_volume_survives_a_killed_peer() {
     let dir = tempfile::tempdir().unwrap();
-    replicated_volume_survives_a_killed_peer_on(&dir, &|_| Vec::new(), &|_| {});
+    replicated_volume_survives_a_killed_peer_on(&dir, &|_| Vec::new(), &|_, _| {});
 }
 
 #[test]
@@ -105,7 +105,7 @@ fn replicated_volume_survives_a_killed_peer_over_quic_with_mutual_tls() {
     };
     // After the data is written: SIGHUP reloads A's certificates, and the
     // volume carries on over the connections already open.
-    let reload = |nodes: &mut Vec<Torusd>| {
+    let reload = |nodes: &mut Vec<Torusd>, etcd: &str| {
         // The peer port is UDP: nothing answers TCP there.
         for n in nodes.iter() {
             let peer = n.peer.clone().expect("peer address");
@@ -127,6 +127,59 @@ fn replicated_volume_survives_a_killed_peer_over_quic_with_mutual_tls() {
                     .contains("peer TLS certificates reloaded")
             },
         );
+        // A client-only torusblk, with a certificate of its own from the
+        // cluster CA, reads the volume from the peers over QUIC.
+        ctl(&["certs", "node", "client", "--dir", &certs_arg]);
+        let file = |name: &str| certs.join(name).display().to_string();
+        let mut serve = Command::new(torus_integration::bin("torusblk"))
+            .args(["--etcd", etcd, "--peer-transport", "quic"])
+            .args(["--peer-cert-file", &file("client.crt")])
+            .args(["--peer-key-file", &file("client.key")])
+            .args(["--peer-ca-file", &file("ca.crt")])
+            .args(["nbdserve", "--listen", "127.0.0.1:0", "--read-only"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start torusblk nbdserve");
+        let stdout = serve.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("torusblk nbdserve did not say it was ready");
+        let addr = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("nbd="))
+            .unwrap_or_else(|| panic!("no nbd= in {ready:?}"))
+            .to_string();
+        let out = dir.path().join("via-torusblk.raw");
+        let copied = run_with_timeout(
+            Command::new("nbdcopy")
+                .arg(format!("nbd://{addr}/r3"))
+                .arg(&out),
+            Duration::from_secs(180),
+        );
+        let _ = Command::new("kill")
+            .args(["-TERM", &serve.id().to_string()])
+            .status();
+        let _ = serve.wait();
+        assert!(
+            copied.status.success(),
+            "nbdcopy through torusblk over QUIC failed: {}",
+            String::from_utf8_lossy(&copied.stderr)
+        );
+        assert_eq!(
+            checksum(&std::fs::read(&out).unwrap()),
+            checksum(&pattern(42, 64 * MIB as usize)),
+            "read through torusblk over QUIC differs"
+        );
     };
     replicated_volume_survives_a_killed_peer_on(&dir, &flags, &reload);
 }
@@ -137,7 +190,7 @@ fn replicated_volume_survives_a_killed_peer_over_quic_with_mutual_tls() {
 fn replicated_volume_survives_a_killed_peer_on(
     dir: &tempfile::TempDir,
     extra: &dyn Fn(usize) -> Vec<String>,
-    between: &dyn Fn(&mut Vec<Torusd>),
+    between: &dyn Fn(&mut Vec<Torusd>, &str),
 ) {
     require("nbdcopy");
     let etcd = EtcdServer::start();
@@ -170,7 +223,7 @@ fn replicated_volume_survives_a_killed_peer_on(
                 .all(|p| p["info"]["used"].as_u64() == Some(64 * MIB))
     });
 
-    between(&mut nodes);
+    between(&mut nodes, &e);
 
     // Kill B; A still reads and writes.
     nodes[1].kill9();

@@ -62,6 +62,8 @@ pub struct AttachRequest {
     pub volume: String,
     pub etcd: String,
     pub etcd_tls: Option<torus_backends::metadata::EtcdTls>,
+    /// How to reach the storage peers.
+    pub peer: client::PeerOptions,
     pub kind: AttacherKind,
     /// Kernel: the `/dev/nbdN` to use (else the first free one).
     pub device: Option<PathBuf>,
@@ -349,7 +351,8 @@ struct Local {
 
 impl Local {
     async fn open(req: &AttachRequest) -> Result<Local, String> {
-        let opts = ClientOptions::new(&req.etcd, req.etcd_tls.clone());
+        let mut opts = ClientOptions::new(&req.etcd, req.etcd_tls.clone());
+        opts.peer = req.peer.clone();
         let node = client::connect(&opts).await.map_err(|e| e.to_string())?;
         let provider = Arc::new(OneVolume {
             node: node.clone(),

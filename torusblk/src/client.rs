@@ -2,7 +2,8 @@
 //!
 //! It connects to the cluster's etcd, takes a lease and a peer identity (a
 //! volume's writer lock is bound to the holder's lease), and reads and writes
-//! chunks on the storage peers over TCP. It contributes no pool (an empty,
+//! chunks on the storage peers over the cluster's peer transport (TCP, TCP
+//! with mutual TLS, or QUIC; [`PeerOptions`]). It contributes no pool (an empty,
 //! zero-capacity store), never joins the ring and does not listen for peers.
 //! It is built from the engine's public parts, so `torusd` is unchanged.
 
@@ -18,7 +19,6 @@ use torus_traits::{
     BlockDevice, Error, ExportInfo, Frontend, MetadataStore, PeerId, PeerTransport, Result,
     VolumeProvider,
 };
-use torus_transports::{TcpOptions, TcpTransport};
 
 /// How to reach the cluster.
 #[derive(Debug, Clone)]
@@ -31,6 +31,63 @@ pub struct ClientOptions {
     pub address: String,
     /// TLS towards etcd.
     pub tls: Option<EtcdTls>,
+    /// How to reach the storage peers.
+    pub peer: PeerOptions,
+}
+
+/// How a client reaches the storage peers: the cluster's transport, and a
+/// certificate signed by the cluster CA when peers use TLS (QUIC always
+/// does). Same meaning as torusd's `[transport] kind` and `[transport.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerOptions {
+    /// `tcp` or `quic`.
+    pub kind: torus::config::TransportKind,
+    pub tls: Option<torus_transports::TlsFiles>,
+}
+
+impl Default for PeerOptions {
+    fn default() -> Self {
+        PeerOptions {
+            kind: torus::config::TransportKind::Tcp,
+            tls: None,
+        }
+    }
+}
+
+/// Peer options from their textual forms (flags or FlexVolume options):
+/// `kind` is `tcp` (default) or `quic`; the certificate, key and CA go
+/// together; QUIC needs them.
+pub fn peer_options(
+    kind: Option<&str>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> std::result::Result<PeerOptions, String> {
+    use torus::config::TransportKind;
+    let kind = match kind.map(str::trim) {
+        None | Some("") | Some("tcp") => TransportKind::Tcp,
+        Some("quic") => TransportKind::Quic,
+        Some(other) => {
+            return Err(format!(
+                "peer transport {other:?} is not one of tcp, quic (use the storage nodes' [transport] kind)"
+            ))
+        }
+    };
+    let tls = match (cert, key, ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => Some(torus_transports::TlsFiles { cert, key, ca }),
+        _ => return Err(
+            "the peer certificate, its key and the cluster CA go together: give all three or none"
+                .into(),
+        ),
+    };
+    if kind == TransportKind::Quic && tls.is_none() {
+        return Err(
+            "peer transport quic needs a certificate from the cluster CA: the peer certificate, key and CA files (see `torusctl certs node`)"
+                .into(),
+        );
+    }
+    Ok(PeerOptions { kind, tls })
 }
 
 /// TLS towards etcd from the three file options: a CA alone (server
@@ -67,6 +124,7 @@ impl ClientOptions {
             lease_ttl: Duration::from_secs(10),
             address: format!("torusblk@{host}"),
             tls,
+            peer: PeerOptions::default(),
         }
     }
 }
@@ -103,11 +161,20 @@ pub async fn connect(opts: &ClientOptions) -> Result<Node> {
             opts.etcd, opts.etcd
         ))
     })?;
-    let transport: Arc<dyn PeerTransport> = Arc::new(TcpTransport::new(TcpOptions::default()));
+    // The same construction as torusd's, from the same settings.
+    let mut cfg = torus::config::Config::default();
+    cfg.transport.kind = Some(opts.peer.kind);
+    if let Some(files) = &opts.peer.tls {
+        cfg.transport.tls.cert = Some(files.cert.clone());
+        cfg.transport.tls.key = Some(files.key.clone());
+        cfg.transport.tls.ca = Some(files.ca.clone());
+    }
+    let (transport, _tls) = torus::compose::open_transport(&cfg)?;
+    let transport: Option<Arc<dyn PeerTransport>> = transport;
     let node_opts = NodeOptions {
         id: PeerId::random(),
         address: opts.address.clone(),
-        transport: Some(transport),
+        transport,
         peer_listen: None,
         peer_advertise: None,
         lease_ttl: opts.lease_ttl,

@@ -317,6 +317,14 @@ fn start_attach_process(
             cmd.arg("--etcd-key-file").arg(key);
         }
     }
+    if opts.peer.kind == torus::config::TransportKind::Quic {
+        cmd.args(["--peer-transport", "quic"]);
+    }
+    if let Some(tls) = &opts.peer.tls {
+        cmd.arg("--peer-cert-file").arg(&tls.cert);
+        cmd.arg("--peer-key-file").arg(&tls.key);
+        cmd.arg("--peer-ca-file").arg(&tls.ca);
+    }
     if opts.read_only {
         cmd.arg("--read-only");
     }

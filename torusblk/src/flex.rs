@@ -73,6 +73,10 @@ pub struct MountOptions {
     pub trim: bool,
     /// TLS towards etcd (`etcdCAFile`, `etcdCertFile`, `etcdKeyFile`).
     pub etcd_tls: Option<torus_backends::metadata::EtcdTls>,
+    /// The storage peers' transport (`peerTransport`) and this client's
+    /// certificate from the cluster CA (`peerCertFile`, `peerKeyFile`,
+    /// `peerCAFile`).
+    pub peer: crate::client::PeerOptions,
 }
 
 /// Parse `args` (after the program name) into a call, or a failure reply.
@@ -188,6 +192,12 @@ impl MountOptions {
             path("etcdCertFile")?,
             path("etcdKeyFile")?,
         )?;
+        let peer = crate::client::peer_options(
+            get("peerTransport")?.as_deref(),
+            path("peerCertFile")?,
+            path("peerKeyFile")?,
+            path("peerCAFile")?,
+        )?;
         Ok(MountOptions {
             volume,
             etcd,
@@ -195,6 +205,7 @@ impl MountOptions {
             read_only,
             trim,
             etcd_tls,
+            peer,
         })
     }
 }
@@ -300,6 +311,7 @@ mod tests {
                     read_only: false,
                     trim: false,
                     etcd_tls: None,
+                    peer: Default::default(),
                 }
             }
         );
@@ -320,6 +332,21 @@ mod tests {
         let tls = o.etcd_tls.unwrap();
         assert_eq!(tls.ca_file, PathBuf::from("/ca.pem"));
         assert_eq!(tls.key_file, Some(PathBuf::from("/c.key")));
+        assert_eq!(
+            o.peer,
+            crate::client::PeerOptions::default(),
+            "plain TCP by default"
+        );
+        let o = MountOptions::from_json(
+            r#"{"volume":"v","peerTransport":"quic","peerCertFile":"/n.crt","peerKeyFile":"/n.key","peerCAFile":"/ca.crt"}"#,
+        )
+        .unwrap();
+        assert_eq!(o.peer.kind, torus::config::TransportKind::Quic);
+        let files = o.peer.tls.unwrap();
+        assert_eq!(
+            (files.cert, files.key, files.ca),
+            ("/n.crt".into(), "/n.key".into(), "/ca.crt".into())
+        );
     }
 
     #[test]
@@ -340,6 +367,12 @@ mod tests {
         assert!(
             err(r#"{"volume":"v","etcdCAFile":"/ca","etcdCertFile":"/c.pem"}"#)
                 .contains("give both or neither")
+        );
+        assert!(err(r#"{"volume":"v","peerTransport":"udp"}"#).contains("tcp, quic"));
+        assert!(err(r#"{"volume":"v","peerTransport":"quic"}"#).contains("torusctl certs"));
+        assert!(
+            err(r#"{"volume":"v","peerCertFile":"/n.crt","peerCAFile":"/ca"}"#)
+                .contains("all three or none")
         );
     }
 

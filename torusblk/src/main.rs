@@ -32,6 +32,18 @@ struct Args {
     /// Client key for etcd.
     #[arg(long, global = true, env = "TORUS_ETCD_KEY_FILE", value_name = "FILE")]
     etcd_key_file: Option<PathBuf>,
+    /// The storage peers' transport, as their `[transport] kind`: tcp or quic.
+    #[arg(long, global = true, env = "TORUS_PEER_TRANSPORT", value_name = "KIND")]
+    peer_transport: Option<String>,
+    /// This client's certificate, signed by the cluster CA (peers with TLS).
+    #[arg(long, global = true, env = "TORUS_PEER_CERT_FILE", value_name = "FILE")]
+    peer_cert_file: Option<PathBuf>,
+    /// The key of --peer-cert-file.
+    #[arg(long, global = true, env = "TORUS_PEER_KEY_FILE", value_name = "FILE")]
+    peer_key_file: Option<PathBuf>,
+    /// The cluster CA peers' certificates must chain to.
+    #[arg(long, global = true, env = "TORUS_PEER_CA_FILE", value_name = "FILE")]
+    peer_ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -107,6 +119,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let peer = match client::peer_options(
+        args.peer_transport.as_deref(),
+        args.peer_cert_file.clone(),
+        args.peer_key_file.clone(),
+        args.peer_ca_file.clone(),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("torusblk: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -155,6 +179,7 @@ fn main() -> ExitCode {
                 volume: volume.unwrap_or_default(),
                 etcd: args.etcd,
                 etcd_tls: etcd_tls.clone(),
+                peer: peer.clone(),
                 kind,
                 device,
                 work_dir: work_dir.clone(),
@@ -183,6 +208,7 @@ fn main() -> ExitCode {
                 volume,
                 etcd: args.etcd,
                 etcd_tls: etcd_tls.clone(),
+                peer: peer.clone(),
                 kind,
                 device: None,
                 work_dir,
@@ -192,7 +218,7 @@ fn main() -> ExitCode {
             }))
         }
         Cmd::Nbdserve { listen, read_only } => {
-            match runtime.block_on(nbdserve(&args.etcd, etcd_tls, &listen, read_only)) {
+            match runtime.block_on(nbdserve(&args.etcd, etcd_tls, peer, &listen, read_only)) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("torusblk: {e}");
@@ -228,6 +254,7 @@ fn flexvolume(argv: &[String]) -> Reply {
 async fn nbdserve(
     etcd: &str,
     tls: Option<torus_backends::metadata::EtcdTls>,
+    peer: client::PeerOptions,
     listen: &str,
     read_only: bool,
 ) -> Result<(), String> {
@@ -237,7 +264,8 @@ async fn nbdserve(
         .map_err(|_| format!("--listen {listen:?} is not an address (IP:PORT)"))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signal handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
-    let opts = client::ClientOptions::new(etcd, tls);
+    let mut opts = client::ClientOptions::new(etcd, tls);
+    opts.peer = peer;
     let node = client::connect(&opts).await.map_err(|e| e.to_string())?;
     let server = match client::serve(Arc::new(node.clone()), addr, read_only).await {
         Ok(s) => s,
