@@ -21,7 +21,8 @@ pub enum Call {
     Init,
     Mount {
         dir: PathBuf,
-        options: MountOptions,
+        /// Boxed: much larger than the other calls.
+        options: Box<MountOptions>,
     },
     Unmount {
         dir: PathBuf,
@@ -98,7 +99,7 @@ pub fn parse_call(args: &[String]) -> Result<Call, Reply> {
             let options = MountOptions::from_json(json).map_err(Reply::failure)?;
             Ok(Call::Mount {
                 dir: PathBuf::from(dir),
-                options,
+                options: Box::new(options),
             })
         }
         "unmount" => match rest.first() {
@@ -304,7 +305,7 @@ mod tests {
             call,
             Call::Mount {
                 dir: "/var/lib/kubelet/x".into(),
-                options: MountOptions {
+                options: Box::new(MountOptions {
                     volume: "pad".into(),
                     etcd: "10.3.0.100:2379".into(),
                     fs_type: "ext4".into(),
@@ -312,7 +313,7 @@ mod tests {
                     trim: false,
                     etcd_tls: None,
                     peer: Default::default(),
-                }
+                })
             }
         );
         let o = MountOptions::from_json(r#"{"volume":"v"}"#).unwrap();
