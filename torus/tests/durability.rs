@@ -26,6 +26,9 @@ use torus_traits::{
 };
 use torus_transports::MemoryNetwork;
 
+mod common;
+use common::pid;
+
 const CHUNK: u64 = 1 << 20;
 
 /// Routes every call to one remote replica; flushes are slow or fail.
@@ -61,10 +64,6 @@ impl PeerTransport for Remote {
         }
         self.replica.handle(request).await
     }
-}
-
-fn pid(n: u128) -> PeerId {
-    PeerId(uuid::Uuid::from_u128(n))
 }
 
 async fn link(members: &[PeerId], remote: Arc<Remote>) -> (ClusterLink, Arc<dyn MetadataStore>) {
@@ -181,18 +180,7 @@ async fn cluster(n: usize, replication: u32) -> (Arc<dyn MetadataStore>, MemoryN
 
 async fn start(meta: &Arc<dyn MetadataStore>, net: &MemoryNetwork, i: usize) -> Node {
     let store: Arc<dyn BlockStore> = Arc::new(MemoryBlockStore::new(CHUNK, 256 << 20));
-    let c = cluster::get(&**meta).await.unwrap().unwrap();
-    let t: Arc<dyn PeerTransport> = Arc::new(net.transport());
-    let opts = NodeOptions {
-        id: pid(i as u128 + 1),
-        address: format!("node{i}"),
-        transport: Some(t),
-        peer_listen: Some(format!("node{i}")),
-        peer_advertise: None,
-        lease_ttl: Duration::from_secs(2),
-        auto_join: true,
-    };
-    Node::start(opts, meta.clone(), store, c).await.unwrap()
+    common::start_node(meta, net, i, store).await
 }
 
 /// After a takeover, even replicas the new writer has not written to refuse

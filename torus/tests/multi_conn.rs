@@ -38,17 +38,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use torus::catalog;
-use torus::cluster::{self, InitParams};
-use torus::node::{Node, NodeOptions};
-use torus_backends::metadata::MemoryMetadata;
+use torus::node::Node;
 use torus_backends::storage::faulty::OpSet;
 use torus_backends::storage::{FaultControl, FaultyBlockStore, MemoryBlockStore};
 use torus_frontends::nbd::proto::{self, Command, Request, SimpleReply};
 use torus_frontends::nbd::{NbdFrontend, NbdOptions};
-use torus_traits::{
-    BlockStore, Error, Frontend, MetadataStore, PeerId, PeerTransport, VolumeProvider,
-};
+use torus_traits::{BlockStore, Error, Frontend, MetadataStore, VolumeProvider};
 use torus_transports::MemoryNetwork;
+
+mod common;
 
 const CHUNK: u64 = 256 << 10;
 const VOLUME: &str = "hammered";
@@ -101,38 +99,12 @@ struct Cluster {
     nodes: Vec<Node>,
 }
 
-fn pid(n: u128) -> PeerId {
-    PeerId(uuid::Uuid::from_u128(n))
-}
-
 async fn start_node(c: &Cluster, i: usize) -> Node {
-    let record = cluster::get(&*c.meta).await.unwrap().unwrap();
-    let t: Arc<dyn PeerTransport> = Arc::new(c.net.transport());
-    let opts = NodeOptions {
-        id: pid(i as u128 + 1),
-        address: format!("node{i}"),
-        transport: Some(t),
-        peer_listen: Some(format!("node{i}")),
-        peer_advertise: None,
-        lease_ttl: Duration::from_secs(2),
-        auto_join: true,
-    };
-    Node::start(opts, c.meta.clone(), c.stores[i].clone(), record)
-        .await
-        .unwrap()
+    common::start_node(&c.meta, &c.net, i, c.stores[i].clone()).await
 }
 
 async fn cluster() -> Cluster {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
-    cluster::init(
-        &*meta,
-        InitParams {
-            chunk_size: CHUNK,
-            replication: 3,
-        },
-    )
-    .await
-    .unwrap();
+    let meta = common::init(CHUNK, 3).await;
     let mut c = Cluster {
         meta,
         net: MemoryNetwork::new(),

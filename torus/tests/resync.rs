@@ -9,18 +9,16 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use torus::catalog;
-use torus::cluster::{self, InitParams};
 use torus::control::{Control, MetaControl};
-use torus::node::{Node, NodeOptions};
+use torus::node::Node;
 use torus::replication::DEGRADED;
-use torus_backends::metadata::MemoryMetadata;
 use torus_backends::storage::faulty::OpSet;
 use torus_backends::storage::{FaultyBlockStore, MemoryBlockStore};
-use torus_traits::{
-    BlockStore, ChunkRef, Error, MetadataStore, PeerId, PeerTransport, Result, VolumeId,
-    VolumeProvider,
-};
+use torus_traits::{BlockStore, ChunkRef, Error, MetadataStore, Result, VolumeId, VolumeProvider};
 use torus_transports::MemoryNetwork;
+
+mod common;
+use common::pid;
 
 const CHUNK: u64 = 256 << 10;
 
@@ -65,10 +63,6 @@ impl BlockStore for Counting {
     }
 }
 
-fn pid(n: u128) -> PeerId {
-    PeerId(uuid::Uuid::from_u128(n))
-}
-
 fn pattern(seed: u8, len: usize) -> Bytes {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -86,16 +80,7 @@ async fn degraded_count(meta: &dyn MetadataStore) -> usize {
 
 /// Three nodes, replication 3, node 2 on `store2`; a volume "vol" of 8 chunks.
 async fn three_nodes(store2: Arc<dyn BlockStore>) -> (Arc<dyn MetadataStore>, Vec<Node>) {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
-    cluster::init(
-        &*meta,
-        InitParams {
-            chunk_size: CHUNK,
-            replication: 3,
-        },
-    )
-    .await
-    .unwrap();
+    let meta = common::init(CHUNK, 3).await;
     let net = MemoryNetwork::new();
     let mut nodes = Vec::new();
     for i in 0..3 {
@@ -104,22 +89,7 @@ async fn three_nodes(store2: Arc<dyn BlockStore>) -> (Arc<dyn MetadataStore>, Ve
         } else {
             Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20))
         };
-        let record = cluster::get(&*meta).await.unwrap().unwrap();
-        let t: Arc<dyn PeerTransport> = Arc::new(net.transport());
-        let opts = NodeOptions {
-            id: pid(i + 1),
-            address: format!("node{i}"),
-            transport: Some(t),
-            peer_listen: Some(format!("node{i}")),
-            peer_advertise: None,
-            lease_ttl: Duration::from_secs(2),
-            auto_join: true,
-        };
-        nodes.push(
-            Node::start(opts, meta.clone(), store, record)
-                .await
-                .unwrap(),
-        );
+        nodes.push(common::start_node(&meta, &net, i, store).await);
     }
     for n in &nodes {
         n.refresh_cluster_view().await.unwrap();
@@ -211,16 +181,7 @@ async fn a_returning_replica_gets_only_the_chunks_written_while_it_was_away() {
 
 #[tokio::test]
 async fn deleting_a_volume_forgets_its_stale_replica_records() {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
-    cluster::init(
-        &*meta,
-        InitParams {
-            chunk_size: CHUNK,
-            replication: 3,
-        },
-    )
-    .await
-    .unwrap();
+    let meta = common::init(CHUNK, 3).await;
     let keep = catalog::create(&*meta, "keep", CHUNK, 3).await.unwrap();
     let gone = catalog::create(&*meta, "gone", CHUNK, 3).await.unwrap();
     for v in [keep.id, gone.id] {
