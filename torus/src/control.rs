@@ -9,7 +9,7 @@ use crate::catalog::{self, VolumeRecord};
 use crate::cluster::{self, ClusterRecord, InitParams};
 use crate::keys;
 use crate::peers::{self, PeerStatus};
-use crate::replication::DEGRADED;
+use crate::replication::{parse_degraded_key, DEGRADED};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -112,10 +112,7 @@ impl Control for MetaControl {
         let mut degraded: std::collections::HashMap<_, Vec<PeerId>> = Default::default();
         for kv in self.meta.range(DEGRADED.as_bytes()).await? {
             if let Some(id) = keys::volume_id_after(DEGRADED, &kv.key) {
-                let peer = String::from_utf8_lossy(&kv.key)
-                    .rsplit('/')
-                    .next()
-                    .and_then(|p| p.parse::<PeerId>().ok());
+                let peer = parse_degraded_key(&kv.key).ok().map(|(_, peer)| peer);
                 degraded.entry(id).or_default().extend(peer);
             }
         }

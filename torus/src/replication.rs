@@ -153,7 +153,7 @@ impl Drop for ReplicatedChunks {
 }
 
 /// `(chunk index, peer)` of a degraded-record key.
-fn parse_degraded_key(key: &[u8]) -> Result<(u64, PeerId)> {
+pub fn parse_degraded_key(key: &[u8]) -> Result<(u64, PeerId)> {
     let text = String::from_utf8_lossy(key);
     let mut parts = text.rsplit('/');
     let peer = parts.next().and_then(|p| p.parse::<PeerId>().ok());
@@ -277,14 +277,22 @@ impl ReplicatedChunks {
         let Ok((index, peer)) = parse_degraded_key(key) else {
             return;
         };
-        let mut degraded = lock(&self.degraded);
         if present {
-            degraded.entry(index).or_default().insert(peer);
-        } else if let Some(p) = degraded.get_mut(&index) {
+            lock(&self.degraded).entry(index).or_default().insert(peer);
+        } else {
+            self.forget_degraded(index, peer);
+        }
+    }
+
+    /// `peer` holds a current copy of chunk `index` again (in memory only).
+    fn forget_degraded(&self, index: u64, peer: PeerId) {
+        let mut degraded = lock(&self.degraded);
+        let empty = degraded.get_mut(&index).is_some_and(|p| {
             p.remove(&peer);
-            if p.is_empty() {
-                degraded.remove(&index);
-            }
+            p.is_empty()
+        });
+        if empty {
+            degraded.remove(&index);
         }
     }
 
@@ -402,14 +410,7 @@ impl ReplicatedChunks {
             .meta
             .delete(degraded_key(chunk, peer).as_bytes())
             .await?;
-        let mut degraded = lock(&self.degraded);
-        let empty = degraded.get_mut(&chunk.index).is_some_and(|p| {
-            p.remove(&peer);
-            p.is_empty()
-        });
-        if empty {
-            degraded.remove(&chunk.index);
-        }
+        self.forget_degraded(chunk.index, peer);
         Ok(sent)
     }
 
