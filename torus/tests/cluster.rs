@@ -6,17 +6,18 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use torus::catalog;
-use torus::cluster::{self, InitParams};
+use torus::cluster;
 use torus::node::{Node, NodeOptions};
 use torus::placement;
 use torus::replication::degraded_prefix;
-use torus_backends::metadata::MemoryMetadata;
 use torus_backends::storage::MemoryBlockStore;
 use torus_traits::{
     BlockStore, ChunkRef, Epoch, Error, MetadataStore, PeerId, PeerRequest, PeerTransport,
     VolumeProvider,
 };
 use torus_transports::MemoryNetwork;
+
+mod common;
 
 const CHUNK: u64 = 1 << 20;
 
@@ -27,32 +28,12 @@ struct Cluster {
 }
 
 async fn cluster(n: usize, replication: u32, ttl: Duration) -> Cluster {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
-    cluster::init(
-        &*meta,
-        InitParams {
-            chunk_size: CHUNK,
-            replication,
-        },
-    )
-    .await
-    .unwrap();
+    let meta = common::init(CHUNK, replication).await;
     let net = MemoryNetwork::new();
     let mut nodes = Vec::new();
     for i in 0..n {
         let store: Arc<dyn BlockStore> = Arc::new(MemoryBlockStore::new(CHUNK, 256 << 20));
-        let c = cluster::get(&*meta).await.unwrap().unwrap();
-        let t: Arc<dyn PeerTransport> = Arc::new(net.transport());
-        let opts = NodeOptions {
-            id: PeerId(uuid::Uuid::from_u128(i as u128 + 1)),
-            address: format!("node{i}"),
-            transport: Some(t),
-            peer_listen: Some(format!("node{i}")),
-            peer_advertise: None,
-            lease_ttl: ttl,
-            auto_join: true,
-        };
-        nodes.push(Node::start(opts, meta.clone(), store, c).await.unwrap());
+        nodes.push(common::start_node_with_ttl(&meta, &net, i, store, ttl).await);
     }
     // Every node sees every other's address and the full ring.
     for n in &nodes {

@@ -157,16 +157,7 @@ async fn a_failed_flush_is_retried_not_forgotten() {
 }
 
 async fn cluster(n: usize, replication: u32) -> (Arc<dyn MetadataStore>, MemoryNetwork, Vec<Node>) {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
-    cluster::init(
-        &*meta,
-        InitParams {
-            chunk_size: CHUNK,
-            replication,
-        },
-    )
-    .await
-    .unwrap();
+    let meta = common::init(CHUNK, replication).await;
     let net = MemoryNetwork::new();
     let mut nodes = Vec::new();
     for i in 0..n {

@@ -40,6 +40,17 @@ pub async fn start_node(
     i: usize,
     store: Arc<dyn BlockStore>,
 ) -> Node {
+    start_node_with_ttl(meta, net, i, store, Duration::from_secs(2)).await
+}
+
+/// [`start_node`] with a lease of `lease_ttl`.
+pub async fn start_node_with_ttl(
+    meta: &Arc<dyn MetadataStore>,
+    net: &MemoryNetwork,
+    i: usize,
+    store: Arc<dyn BlockStore>,
+    lease_ttl: Duration,
+) -> Node {
     let record = cluster::get(&**meta)
         .await
         .expect("read the cluster")
@@ -51,7 +62,7 @@ pub async fn start_node(
         transport: Some(t),
         peer_listen: Some(format!("node{i}")),
         peer_advertise: None,
-        lease_ttl: Duration::from_secs(2),
+        lease_ttl,
         auto_join: true,
     };
     Node::start(opts, meta.clone(), store, record)
