@@ -224,20 +224,13 @@ impl QuicTransport {
         let connecting = endpoint
             .connect_with(opts.client_config()?, remote, crate::tls::PEER_SERVER_NAME)
             .map_err(|e| Error::Unavailable(format!("cannot connect to peer at {addr}: {e}")))?;
-        let conn = match timeout(opts.connect_timeout, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(Error::Unavailable(format!(
-                    "cannot connect to peer at {addr}: {e}"
-                )))
-            }
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "connecting to peer at {addr} timed out after {:?}",
-                    opts.connect_timeout
-                )))
-            }
-        };
+        let conn = crate::bounded(
+            opts.connect_timeout,
+            connecting,
+            || format!("cannot connect to peer at {addr}"),
+            || format!("connecting to peer at {addr}"),
+        )
+        .await?;
         debug!(addr, "connected to peer over QUIC");
         *lock(&slot.conn) = Some(conn.clone());
         Ok(conn)

@@ -505,20 +505,13 @@ impl ClientConn {
 
 /// Opens a TCP connection to `addr` and runs the client handshake on it.
 async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
-    let stream = match timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(Error::Unavailable(format!(
-                "cannot connect to peer at {addr}: {e}"
-            )))
-        }
-        Err(_) => {
-            return Err(Error::Unavailable(format!(
-                "connecting to peer at {addr} timed out after {:?}",
-                opts.connect_timeout
-            )))
-        }
-    };
+    let stream = crate::bounded(
+        opts.connect_timeout,
+        TcpStream::connect(addr),
+        || format!("cannot connect to peer at {addr}"),
+        || format!("connecting to peer at {addr}"),
+    )
+    .await?;
     // Requests are small and latency-bound; do not let Nagle hold them back.
     if let Err(e) = stream.set_nodelay(true) {
         debug!(addr, error = %e, "cannot set TCP_NODELAY");
@@ -528,25 +521,13 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
         return start_client(r, w, addr, opts).await;
     };
     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
-    let stream = match timeout(
+    let stream = crate::bounded(
         opts.handshake_timeout,
         connector.connect(PeerTls::server_name(), stream),
+        || format!("TLS handshake with peer at {addr} failed"),
+        || format!("TLS handshake with peer at {addr}"),
     )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(Error::Unavailable(format!(
-                "TLS handshake with peer at {addr} failed: {e}"
-            )))
-        }
-        Err(_) => {
-            return Err(Error::Unavailable(format!(
-                "TLS handshake with peer at {addr} timed out after {:?}",
-                opts.handshake_timeout
-            )))
-        }
-    };
+    .await?;
     let (r, w) = tokio::io::split(stream);
     start_client(r, w, addr, opts).await
 }
