@@ -860,7 +860,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// writes in profiles). Reads try the page cache without blocking first
 /// (`RWF_NOWAIT`) and go to the pool only when the disk must be read.
 /// Larger I/O and flushes always go to the pool.
-pub(crate) const INLINE_WRITE_MAX: usize = 64 * 1024;
+pub(crate) const INLINE_IO_MAX: usize = 64 * 1024;
 
 /// Runs one of the engine's blocking operations on tokio's blocking pool.
 pub(crate) async fn blocking<H: ChunkIo, T: Send + 'static>(
@@ -875,7 +875,7 @@ pub(crate) async fn blocking<H: ChunkIo, T: Send + 'static>(
 
 /// Implements `BlockStore` for a store type holding `dir: Arc<ChunkDir<_>>`,
 /// running every operation that does I/O on the blocking pool except small
-/// writes (see [`INLINE_WRITE_MAX`]).
+/// writes and small reads the page cache holds (see [`INLINE_IO_MAX`]).
 macro_rules! chunk_dir_block_store {
     ($store:ty) => {
         #[async_trait::async_trait]
@@ -898,7 +898,7 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 len: u64,
             ) -> torus_traits::Result<bytes::Bytes> {
-                if len <= $crate::storage::chunk_dir::INLINE_WRITE_MAX as u64 {
+                if len <= $crate::storage::chunk_dir::INLINE_IO_MAX as u64 {
                     if let Some(data) = self.dir.read_cached(chunk, offset, len)? {
                         return Ok(data);
                     }
@@ -913,7 +913,7 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 data: bytes::Bytes,
             ) -> torus_traits::Result<()> {
-                if data.len() <= $crate::storage::chunk_dir::INLINE_WRITE_MAX {
+                if data.len() <= $crate::storage::chunk_dir::INLINE_IO_MAX {
                     return self.dir.write(chunk, offset, &data);
                 }
                 $crate::storage::chunk_dir::blocking(&self.dir, move |d| {

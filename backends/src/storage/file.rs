@@ -11,7 +11,7 @@
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
 //! is cheaper than the hand-off, and so do reads of up to 64 KiB that the
-//! page cache holds (see `chunk_dir::INLINE_WRITE_MAX`). Files are read
+//! page cache holds (see `chunk_dir::INLINE_IO_MAX`). Files are read
 //! and written concurrently through one shared descriptor each: `pread` and
 //! `pwrite` need no lock.
 
