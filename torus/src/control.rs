@@ -98,7 +98,8 @@ impl Control for MetaControl {
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>> {
-        // Three ranges in all, not two requests per volume.
+        // Four ranges in all (locks, degraded records, peers, volumes), not
+        // requests per volume.
         let mut open_on = std::collections::HashMap::new();
         for kv in self.meta.range(keys::LOCKS.as_bytes()).await? {
             if let Some(id) = keys::volume_id_after(keys::LOCKS, &kv.key) {
