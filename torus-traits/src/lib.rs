@@ -36,6 +36,6 @@ pub use metadata::{
     TxnOpResponse, TxnResponse, WatchEvent, WatchStream,
 };
 pub use size::ByteSize;
-pub use storage::{BlockStore, SECTOR};
+pub use storage::{BlockStore, ChunkScan, SECTOR};
 pub use transport::{PeerHandler, PeerListener, PeerRequest, PeerResponse, PeerTransport};
 pub use types::{ChunkRef, Epoch, PeerId, PeerInfo, Ring, RingMember, VolumeId};

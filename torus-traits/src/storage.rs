@@ -28,6 +28,28 @@ use bytes::Bytes;
 /// Allocation granule of every block store, and the checksum block size.
 pub const SECTOR: u64 = 4096;
 
+/// What [`BlockStore::scan_chunk`] found in one chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkScan {
+    /// crc32c of each 4 KiB block of the chunk as it reads now (holes and
+    /// an absent chunk read as zeros); `chunk_size / SECTOR` entries.
+    pub crcs: Vec<u32>,
+    /// Blocks (indices into `crcs`) whose data no longer matches the
+    /// checksum stored when they were written: bit rot, or a write that
+    /// went around the store. Always empty for stores that keep no checksums.
+    pub bad: Vec<u32>,
+}
+
+impl ChunkScan {
+    /// Checksums of `data` (a whole chunk) per 4 KiB block, none bad.
+    pub fn of(data: &[u8]) -> ChunkScan {
+        ChunkScan {
+            crcs: data.chunks(SECTOR as usize).map(crc32c::crc32c).collect(),
+            bad: Vec::new(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait BlockStore: Send + Sync + 'static {
     /// Size in bytes of every chunk in this store.
@@ -48,6 +70,14 @@ pub trait BlockStore: Send + Sync + 'static {
     async fn delete_chunk(&self, chunk: ChunkRef) -> Result<()>;
     /// Every chunk that holds data, in order.
     async fn list_chunks(&self) -> Result<Vec<ChunkRef>>;
+    /// Checksum every 4 KiB block of `chunk` as it reads now and report the
+    /// blocks that fail the checksums the store keeps (scrub, and comparing
+    /// replicas without moving their data). The default reads the chunk and
+    /// knows no stored checksums.
+    async fn scan_chunk(&self, chunk: ChunkRef) -> Result<ChunkScan> {
+        let data = self.read(chunk, 0, self.chunk_size()).await?;
+        Ok(ChunkScan::of(&data))
+    }
     /// Remove every chunk of a volume.
     async fn delete_volume(&self, volume: VolumeId) -> Result<()> {
         for chunk in self.list_chunks().await? {

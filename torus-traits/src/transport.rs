@@ -41,6 +41,12 @@ pub enum PeerRequest {
     Flush { volume: VolumeId, epoch: Epoch },
     /// Remove a chunk; answered with `Done`.
     DeleteChunk { chunk: ChunkRef },
+    /// The indices of the chunks of `volume` this peer holds; answered with
+    /// `Chunks` (rebalancing finds what exists without reading holes).
+    ListChunks { volume: VolumeId },
+    /// Checksums of a chunk as stored; answered with `Scan` (scrub compares
+    /// replicas without moving their data).
+    ScanChunk { chunk: ChunkRef },
 }
 
 /// A successful reply.
@@ -49,6 +55,9 @@ pub enum PeerResponse {
     Pong,
     Data(Bytes),
     Done,
+    /// Chunk indices, ascending.
+    Chunks(Vec<u64>),
+    Scan(crate::ChunkScan),
 }
 
 /// Serves requests arriving at a listening peer.

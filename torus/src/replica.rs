@@ -187,6 +187,18 @@ impl PeerHandler for Replica {
                 .delete_chunk(chunk)
                 .await
                 .map(|_| PeerResponse::Done),
+            PeerRequest::ListChunks { volume } => Ok(PeerResponse::Chunks(
+                self.store
+                    .list_chunks()
+                    .await?
+                    .into_iter()
+                    .filter(|c| c.volume == volume)
+                    .map(|c| c.index)
+                    .collect(),
+            )),
+            PeerRequest::ScanChunk { chunk } => {
+                self.store.scan_chunk(chunk).await.map(PeerResponse::Scan)
+            }
         }
     }
 }

@@ -49,9 +49,13 @@
 //! | 0x04 | Zero           | volume u64, index u64, offset u64, len u64, epoch u64   |
 //! | 0x05 | Flush          | volume u64, epoch u64                                   |
 //! | 0x06 | DeleteChunk    | volume u64, index u64                                   |
+//! | 0x07 | ListChunks     | volume u64                                              |
+//! | 0x08 | ScanChunk      | volume u64, index u64                                   |
 //! | 0x81 | Pong           | —                                                       |
 //! | 0x82 | Data           | payload                                                 |
 //! | 0x83 | Done           | —                                                       |
+//! | 0x85 | Chunks         | count u32, then count × index u64                       |
+//! | 0x86 | Scan           | count u32, count × crc u32, bad u32, bad × block u32    |
 //! | 0x84 | Error          | code u8, then per code (see [`error_code`])             |
 //!
 //! An error body is the code, then for `LeaseNotFound` the lease id (i64), for
@@ -335,10 +339,14 @@ mod kind {
     pub const ZERO: u8 = 0x04;
     pub const FLUSH: u8 = 0x05;
     pub const DELETE_CHUNK: u8 = 0x06;
+    pub const LIST_CHUNKS: u8 = 0x07;
+    pub const SCAN_CHUNK: u8 = 0x08;
     pub const PONG: u8 = 0x81;
     pub const DATA: u8 = 0x82;
     pub const DONE: u8 = 0x83;
     pub const ERROR: u8 = 0x84;
+    pub const CHUNKS: u8 = 0x85;
+    pub const SCAN: u8 = 0x86;
 }
 
 /// An encoded frame: the length prefix, header and fixed fields in `head`,
@@ -424,6 +432,14 @@ pub fn encode_request(
             head.put_u8(kind::DELETE_CHUNK);
             put_chunk(&mut head, chunk);
         }
+        PeerRequest::ListChunks { volume } => {
+            head.put_u8(kind::LIST_CHUNKS);
+            head.put_u64(volume.0);
+        }
+        PeerRequest::ScanChunk { chunk } => {
+            head.put_u8(kind::SCAN_CHUNK);
+            put_chunk(&mut head, chunk);
+        }
     }
     finish_frame(head, payload, max_frame)
 }
@@ -443,6 +459,22 @@ pub fn encode_response(
             head.put_u8(kind::DATA);
             payload = data.clone();
         }
+        Ok(PeerResponse::Chunks(indices)) => {
+            head.put_u8(kind::CHUNKS);
+            let mut body = BytesMut::with_capacity(4 + 8 * indices.len());
+            put_count(&mut body, indices.len())?;
+            indices.iter().for_each(|&i| body.put_u64(i));
+            payload = body.freeze();
+        }
+        Ok(PeerResponse::Scan(scan)) => {
+            head.put_u8(kind::SCAN);
+            let mut body = BytesMut::with_capacity(8 + 4 * (scan.crcs.len() + scan.bad.len()));
+            put_count(&mut body, scan.crcs.len())?;
+            scan.crcs.iter().for_each(|&c| body.put_u32(c));
+            put_count(&mut body, scan.bad.len())?;
+            scan.bad.iter().for_each(|&b| body.put_u32(b));
+            payload = body.freeze();
+        }
         Err(e) => {
             head.put_u8(kind::ERROR);
             put_error(&mut head, e);
@@ -457,6 +489,13 @@ pub fn encode_frame(frame: &Frame, max_frame: u32) -> Result<Encoded, WireError>
         Message::Request(r) => encode_request(frame.id, r, max_frame),
         Message::Response(r) => encode_response(frame.id, r, max_frame),
     }
+}
+
+/// A u32 element count.
+fn put_count(buf: &mut BytesMut, n: usize) -> Result<(), WireError> {
+    let n = u32::try_from(n).map_err(|_| WireError::FieldTooLong("element count"))?;
+    buf.put_u32(n);
+    Ok(())
 }
 
 fn start_frame(id: u64) -> BytesMut {
@@ -616,6 +655,28 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, WireError> {
             epoch: Epoch(r.u64("flush epoch")?),
         }),
         kind::DELETE_CHUNK => Message::Request(PeerRequest::DeleteChunk { chunk: r.chunk()? }),
+        kind::LIST_CHUNKS => Message::Request(PeerRequest::ListChunks {
+            volume: VolumeId(r.u64("list volume")?),
+        }),
+        kind::SCAN_CHUNK => Message::Request(PeerRequest::ScanChunk { chunk: r.chunk()? }),
+        kind::CHUNKS => {
+            let n = r.count(8, "chunk count")?;
+            let indices = (0..n)
+                .map(|_| r.u64("chunk index"))
+                .collect::<Result<_, _>>()?;
+            Message::Response(Ok(PeerResponse::Chunks(indices)))
+        }
+        kind::SCAN => {
+            let n = r.count(4, "checksum count")?;
+            let crcs = (0..n)
+                .map(|_| r.u32("checksum"))
+                .collect::<Result<_, _>>()?;
+            let n = r.count(4, "bad block count")?;
+            let bad = (0..n)
+                .map(|_| r.u32("bad block"))
+                .collect::<Result<_, _>>()?;
+            Message::Response(Ok(PeerResponse::Scan(torus_traits::ChunkScan { crcs, bad })))
+        }
         kind::PONG => Message::Response(Ok(PeerResponse::Pong)),
         kind::DATA => Message::Response(Ok(PeerResponse::Data(r.rest()))),
         kind::DONE => Message::Response(Ok(PeerResponse::Done)),
@@ -675,6 +736,14 @@ impl Fields {
     fn bytes(&mut self, n: usize, what: &'static str) -> Result<Bytes, WireError> {
         self.need(n, what)?;
         Ok(self.buf.split_to(n))
+    }
+
+    /// A u32 element count, checked against the bytes left (each element
+    /// `size` bytes) so a hostile count cannot make us allocate.
+    fn count(&mut self, size: usize, what: &'static str) -> Result<usize, WireError> {
+        let n = self.u32(what)? as usize;
+        self.need(n.saturating_mul(size), what)?;
+        Ok(n)
     }
 
     fn chunk(&mut self) -> Result<ChunkRef, WireError> {
@@ -805,6 +874,10 @@ mod tests {
                 epoch: Epoch(e)
             }),
             arb_chunk().prop_map(|chunk| PeerRequest::DeleteChunk { chunk }),
+            any::<u64>().prop_map(|v| PeerRequest::ListChunks {
+                volume: VolumeId(v)
+            }),
+            arb_chunk().prop_map(|chunk| PeerRequest::ScanChunk { chunk }),
         ]
     }
 
@@ -837,6 +910,15 @@ mod tests {
             Just(Ok(PeerResponse::Pong)),
             Just(Ok(PeerResponse::Done)),
             arb_bytes().prop_map(|b| Ok(PeerResponse::Data(b))),
+            proptest::collection::vec(any::<u64>(), 0..40)
+                .prop_map(|v| Ok(PeerResponse::Chunks(v))),
+            (
+                proptest::collection::vec(any::<u32>(), 0..40),
+                proptest::collection::vec(any::<u32>(), 0..8)
+            )
+                .prop_map(|(crcs, bad)| Ok(PeerResponse::Scan(
+                    torus_traits::ChunkScan { crcs, bad }
+                ))),
             arb_error().prop_map(Err),
         ]
     }
