@@ -11,7 +11,7 @@
 
 use crate::catalog::VolumeRecord;
 use crate::cluster::{ClusterRecord, InitParams};
-use crate::control::{Control, VolumeStatus};
+use crate::control::{Balance, Control, VolumeStatus};
 use crate::node::Node;
 use crate::peers::PeerStatus;
 use async_trait::async_trait;
@@ -136,6 +136,10 @@ async fn list_peers_h(State(s): State<AdminState>) -> ApiResult<Vec<PeerStatus>>
     s.control.list_peers().await.map(Json).map_err(ApiError)
 }
 
+async fn balance_h(State(s): State<AdminState>) -> ApiResult<Balance> {
+    s.control.balance().await.map(Json).map_err(ApiError)
+}
+
 async fn ring_h(State(s): State<AdminState>) -> ApiResult<Ring> {
     s.control.ring().await.map(Json).map_err(ApiError)
 }
@@ -176,6 +180,7 @@ pub fn router(control: Arc<dyn Control>, node: Option<Node>) -> Router {
         .route("/v1/volumes", get(list_volumes_h).post(create_volume_h))
         .route("/v1/volumes/{name}", delete(delete_volume_h))
         .route("/v1/peers", get(list_peers_h))
+        .route("/v1/balance", get(balance_h))
         .route("/v1/ring", get(ring_h))
         .route("/v1/ring/add", post(ring_add_h))
         .route("/v1/ring/remove", post(ring_remove_h))
@@ -282,6 +287,9 @@ impl Control for AdminClient {
     }
     async fn list_peers(&self) -> Result<Vec<PeerStatus>> {
         self.call(self.http.get(self.url("/v1/peers"))).await
+    }
+    async fn balance(&self) -> Result<Balance> {
+        self.call(self.http.get(self.url("/v1/balance"))).await
     }
     async fn ring(&self) -> Result<Ring> {
         self.call(self.http.get(self.url("/v1/ring"))).await

@@ -45,6 +45,10 @@ pub struct LockRecord {
     pub address: String,
     pub epoch: Epoch,
     pub acquired_unix_ms: u64,
+    /// Held by a node's rebalancer, not by a user of the volume: it lets go
+    /// within seconds, so an open waits for it instead of failing.
+    #[serde(default)]
+    pub rebalancing: bool,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -91,6 +95,10 @@ pub async fn create(
     let size = validate_size(size)?;
     const ATTEMPTS: usize = 32;
     for _ in 0..ATTEMPTS {
+        // The volume's chunks are placed by the ring of its creation; the
+        // transaction checks the ring did not change in between.
+        let (ring, ring_rev) = crate::cluster::ring(meta).await?;
+        let placement = crate::rebalance::PlacementRecord::settled(ring.version);
         let counter = meta.get(keys::NEXT_VOLUME_ID.as_bytes()).await?;
         let (next, counter_rev) = match &counter {
             Some(kv) => (decode::<u64>(&kv.key, &kv.value)?, kv.mod_revision),
@@ -111,8 +119,10 @@ pub async fn create(
                     .when([
                         Compare::absent(by_name.clone()),
                         Compare::mod_revision(keys::NEXT_VOLUME_ID, CompareOp::Equal, counter_rev),
+                        Compare::mod_revision(keys::RING, CompareOp::Equal, ring_rev),
                     ])
                     .and_then([
+                        TxnOp::put(keys::placement(record.id), encode(&placement)?),
                         TxnOp::put(by_name.clone(), encode(&record.id)?),
                         TxnOp::put(keys::volume_by_id(record.id), encode(&record)?),
                         TxnOp::put(keys::NEXT_VOLUME_ID, encode(&(next + 1))?),
@@ -128,7 +138,7 @@ pub async fn create(
                 "volume {name:?} already exists"
             )));
         }
-        // Only the id counter moved under us: try again with the new value.
+        // Only the id counter or the ring moved under us: try again.
     }
     Err(Error::Unavailable(
         "volume catalog changed concurrently too many times; try again".into(),
@@ -202,6 +212,8 @@ pub async fn delete(meta: &dyn MetadataStore, name: &str) -> Result<VolumeRecord
                     // Stale-replica records die with the volume (no writer
                     // can add one: the lock is absent).
                     TxnOp::delete_prefix(crate::replication::degraded_prefix(record.id)),
+                    TxnOp::delete(keys::placement(record.id)),
+                    TxnOp::delete_prefix(keys::orphans_of(record.id)),
                 ]),
         )
         .await?;
@@ -229,6 +241,18 @@ pub async fn acquire_lock(
     address: &str,
     lease: LeaseId,
 ) -> Result<VolumeRecord> {
+    acquire_lock_for(meta, name, holder, address, lease, false).await
+}
+
+/// [`acquire_lock`], saying whether the holder is a rebalancer.
+pub async fn acquire_lock_for(
+    meta: &dyn MetadataStore,
+    name: &str,
+    holder: PeerId,
+    address: &str,
+    lease: LeaseId,
+    rebalancing: bool,
+) -> Result<VolumeRecord> {
     const ATTEMPTS: usize = 16;
     for _ in 0..ATTEMPTS {
         let (mut record, rev) = get_by_name(meta, name).await?;
@@ -246,6 +270,7 @@ pub async fn acquire_lock(
             address: address.to_string(),
             epoch: record.epoch,
             acquired_unix_ms: now_ms(),
+            rebalancing,
         };
         let resp = meta
             .txn(

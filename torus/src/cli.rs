@@ -1,6 +1,6 @@
 //! Output formatting shared by the binaries: the original Torus tables.
 
-use crate::control::VolumeStatus;
+use crate::control::{Balance, VolumeStatus};
 use crate::peers::{Membership, PeerStatus};
 use torus_traits::ByteSize;
 
@@ -71,7 +71,9 @@ pub fn volume_table(volumes: &[VolumeStatus]) -> String {
 }
 
 /// `torusctl list-peers`: the table, then `Balanced: … Usage: …%`.
-pub fn peer_table(peers: &[PeerStatus], now_ms: u64) -> String {
+/// Balanced means every member is up, nothing is being copied, and
+/// `balance` has no chunk left to move or rebuild.
+pub fn peer_table(peers: &[PeerStatus], now_ms: u64, balance: &Balance) -> String {
     let rows: Vec<Vec<String>> = peers
         .iter()
         .map(|p| {
@@ -107,9 +109,10 @@ pub fn peer_table(peers: &[PeerStatus], now_ms: u64) -> String {
         .iter()
         .filter(|p| p.member != Membership::Avail)
         .collect();
-    let balanced = members
-        .iter()
-        .all(|p| p.member == Membership::Ok && p.info.rebalance_rate == 0);
+    let balanced = balance.balanced()
+        && members
+            .iter()
+            .all(|p| p.member == Membership::Ok && p.info.rebalance_rate == 0);
     let (used, cap) = members
         .iter()
         .filter(|p| p.member == Membership::Ok)

@@ -4,7 +4,10 @@
 //! cuts volumes into, the default replication, and the key-layout version.
 //! The ring lists which peers hold data; it is versioned and only ever changed
 //! by compare-and-swap on its `mod_revision`, so concurrent joins never lose
-//! one another.
+//! one another. Every version written is also kept under `rings/<version>`,
+//! because a volume being rebalanced still places part of its chunks by an
+//! older version (see [`rebalance`](crate::rebalance)); versions no volume
+//! refers to any more are pruned.
 
 use crate::codec::{decode, encode};
 use crate::keys;
@@ -132,6 +135,7 @@ pub async fn update_ring(
     const ATTEMPTS: usize = 32;
     for _ in 0..ATTEMPTS {
         let (mut ring, rev) = ring(meta).await?;
+        let old = ring.clone();
         if !change(&mut ring)? {
             return Ok(ring);
         }
@@ -140,7 +144,12 @@ pub async fn update_ring(
             .txn(
                 Txn::new()
                     .when([Compare::mod_revision(keys::RING, CompareOp::Equal, rev)])
-                    .and_then([TxnOp::put(keys::RING, encode(&ring)?)]),
+                    .and_then([
+                        TxnOp::put(keys::RING, encode(&ring)?),
+                        TxnOp::put(keys::ring_version(ring.version), encode(&ring)?),
+                        // Volumes placed by the old version move from it.
+                        TxnOp::put(keys::ring_version(old.version), encode(&old)?),
+                    ]),
             )
             .await?;
         if resp.succeeded {
@@ -152,30 +161,37 @@ pub async fn update_ring(
     ))
 }
 
-/// Refuse a ring change while volumes exist.
-///
-/// Chunks are not moved when the ring changes yet (rebalancing is still to
-/// come), so a chunk written under one ring would be looked for on other
-/// peers under the next and read as zeros. Until chunks move, membership is
-/// fixed once data exists.
-async fn refuse_if_volumes(meta: &dyn MetadataStore) -> Result<()> {
-    let volumes = crate::catalog::list(meta).await?;
-    if volumes.is_empty() {
-        return Ok(());
+/// The ring as it was at `version` (the current one, or one kept in the
+/// history for volumes still moving from it).
+pub async fn ring_at(meta: &dyn MetadataStore, version: u64) -> Result<Ring> {
+    let (current, _) = ring(meta).await?;
+    if current.version == version {
+        return Ok(current);
     }
-    Err(Error::Unsupported(format!(
-        "the ring cannot change while volumes exist ({} now): chunks are not rebalanced yet, so data placed by the current ring would become unreachable",
-        volumes.len()
-    )))
+    match meta.get(&keys::ring_version(version)).await? {
+        Some(kv) => decode(&kv.key, &kv.value),
+        None => Err(Error::Corrupt(format!(
+            "ring version {version} is needed by a volume but is not in the ring history"
+        ))),
+    }
 }
 
-/// Add members to the ring (members already in it keep their weight).
-/// Refused while volumes exist (see [`refuse_if_volumes`]).
-pub async fn add_members(meta: &dyn MetadataStore, members: &[RingMember]) -> Result<Ring> {
-    let (current, _) = ring(meta).await?;
-    if members.iter().any(|m| !current.contains(m.id)) {
-        refuse_if_volumes(meta).await?;
+/// Delete ring versions older than `keep_from` from the history.
+pub async fn prune_rings(meta: &dyn MetadataStore, keep_from: u64) -> Result<()> {
+    for kv in meta.range(keys::RINGS.as_bytes()).await? {
+        let version = String::from_utf8_lossy(&kv.key[keys::RINGS.len()..])
+            .parse::<u64>()
+            .ok();
+        if version.is_some_and(|v| v < keep_from) {
+            meta.delete(&kv.key).await?;
+        }
     }
+    Ok(())
+}
+
+/// Add members to the ring (present ones are ignored). Volumes' chunks move
+/// to their new owners in the background (see [`rebalance`](crate::rebalance)).
+pub async fn add_members(meta: &dyn MetadataStore, members: &[RingMember]) -> Result<Ring> {
     update_ring(meta, |ring| {
         let mut changed = false;
         for m in members {
@@ -189,12 +205,20 @@ pub async fn add_members(meta: &dyn MetadataStore, members: &[RingMember]) -> Re
     .await
 }
 
-/// Take members out of the ring (absent ones are ignored). Refused while
-/// volumes exist (see [`refuse_if_volumes`]).
+/// Take members out of the ring (absent ones are ignored). Their chunks are
+/// copied to the new owners before their copies are deleted, so a live
+/// member is drained and a dead one re-replicated from the other replicas.
+/// Taking out every member is refused while volumes exist: their data would
+/// have nowhere to go.
 pub async fn remove_members(meta: &dyn MetadataStore, peers: &[PeerId]) -> Result<Ring> {
     let (current, _) = ring(meta).await?;
-    if peers.iter().any(|p| current.contains(*p)) {
-        refuse_if_volumes(meta).await?;
+    if current.members.iter().all(|m| peers.contains(&m.id))
+        && !current.members.is_empty()
+        && !crate::catalog::list(meta).await?.is_empty()
+    {
+        return Err(Error::InvalidArgument(
+            "cannot take every member out of the ring while volumes exist: their chunks would have nowhere to go".into(),
+        ));
     }
     update_ring(meta, |ring| {
         let before = ring.members.len();

@@ -10,7 +10,7 @@ use crate::admin;
 use crate::cluster::{self, ClusterRecord, InitParams};
 use crate::config::{Config, MetadataBackend, StorageBackend, TransportKind};
 use crate::control::MetaControl;
-use crate::node::{Node, NodeOptions};
+use crate::node::{Healing, Node, NodeOptions};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -227,6 +227,11 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
         peer_advertise: cfg.transport.advertise.clone(),
         lease_ttl: cfg.node.lease_ttl,
         auto_join: cfg.auto_join(),
+        healing: Healing {
+            down_out_interval: (!cfg.cluster.down_out_interval.is_zero())
+                .then_some(cfg.cluster.down_out_interval),
+            rebalance_rate: cfg.cluster.rebalance_rate.0,
+        },
     };
     let node = Node::start(opts, meta.clone(), store, cluster).await?;
 

@@ -173,6 +173,13 @@ pub struct ClusterConfig {
     /// Join the ring on start. Unset means yes for the embedded backends
     /// and no for etcd, where `torusctl peer add` (or `--auto-join`) does it.
     pub auto_join: Option<bool>,
+    /// How long a ring member may stay down before it is taken out of the
+    /// ring automatically and its chunks re-replicated; `0s` never.
+    #[serde(with = "torus_backends::duration_text")]
+    pub down_out_interval: Duration,
+    /// Most bytes per second this node copies to move or rebuild chunks
+    /// (`0` unlimited), so foreground I/O keeps its share.
+    pub rebalance_rate: ByteSize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,6 +273,8 @@ impl Default for ClusterConfig {
             block_size: ByteSize(crate::cluster::DEFAULT_CHUNK_SIZE),
             replication: 1,
             auto_join: None,
+            down_out_interval: Duration::from_secs(300),
+            rebalance_rate: ByteSize(256 << 20),
         }
     }
 }
@@ -327,6 +336,8 @@ pub struct Overrides {
     pub peer_cert_file: Option<PathBuf>,
     pub peer_key_file: Option<PathBuf>,
     pub peer_ca_file: Option<PathBuf>,
+    /// `--down-out-interval`: `cluster.down_out_interval`.
+    pub down_out_interval: Option<String>,
 }
 
 /// A configuration error: one line naming the key and its source.
@@ -395,6 +406,9 @@ impl Config {
         }
         if flags.auto_join {
             builder = set(builder, "cluster.auto_join", true.into())?;
+        }
+        if let Some(d) = &flags.down_out_interval {
+            builder = set(builder, "cluster.down_out_interval", d.clone().into())?;
         }
         if let Some(e) = &flags.etcd {
             let endpoints: Vec<config::Value> = e
@@ -605,6 +619,23 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         Config::load(Some(f.path()), Vec::new(), &Overrides::default())
+    }
+
+    #[test]
+    fn healing_settings_from_file_and_flag() {
+        let c = load_text("[cluster]\ndown_out_interval = \"0s\"\nrebalance_rate = \"64MiB\"\n")
+            .unwrap();
+        assert_eq!(c.cluster.down_out_interval, Duration::ZERO);
+        assert_eq!(c.cluster.rebalance_rate, ByteSize(64 << 20));
+        let d = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert_eq!(d.cluster.down_out_interval, Duration::from_secs(300));
+        let flags = Overrides {
+            down_out_interval: Some("90s".into()),
+            ..Default::default()
+        };
+        let f = Config::load(None, Vec::new(), &flags).unwrap();
+        assert_eq!(f.cluster.down_out_interval, Duration::from_secs(90));
+        assert!(load_text("[cluster]\ndown_out_interval = \"soon\"\n").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::catalog::{self, VolumeRecord};
 use crate::cluster::{self, ClusterRecord, InitParams};
 use crate::keys;
 use crate::peers::{self, PeerStatus};
+use crate::rebalance::PlacementRecord;
 use crate::replication::{parse_degraded_key, DEGRADED};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -19,17 +20,38 @@ use torus_traits::{Error, MetadataStore, PeerId, Result, Ring, RingMember};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub record: VolumeRecord,
-    /// `healthy` (every copy current), `rebuilding` (some replica is
-    /// recorded stale, is alive, and the volume's writer is copying to it)
-    /// or `degraded` (stale replicas that nothing is repairing now).
+    /// `healthy` (every copy current and where the ring places it),
+    /// `rebuilding` (chunks are moving to a changed ring's owners, or a
+    /// stale replica is alive and the volume's writer is copying to it) or
+    /// `degraded` (stale replicas that nothing is repairing now, or fewer
+    /// ring members than the volume's replication).
     pub status: String,
     /// Address of the node that has it open for writing, if any.
     pub open_on: Option<String>,
 }
 
+/// How far the cluster is from every chunk having all its copies where the
+/// current ring places them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    /// Volumes still placed (partly) by an older ring: chunks to move.
+    pub moving: u64,
+    /// Replicas recorded stale (chunk, peer), waiting for a resync, and
+    /// copies left by a move on a peer that was down, waiting to be deleted.
+    pub stale: u64,
+}
+
+impl Balance {
+    pub fn balanced(&self) -> bool {
+        self.moving == 0 && self.stale == 0
+    }
+}
+
 /// Cluster operations.
 #[async_trait]
 pub trait Control: Send + Sync {
+    /// Chunks still to move or rebuild.
+    async fn balance(&self) -> Result<Balance>;
     async fn init(&self, params: InitParams) -> Result<ClusterRecord>;
     async fn cluster(&self) -> Result<ClusterRecord>;
     async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRecord>;
@@ -75,6 +97,19 @@ impl MetaControl {
     pub fn new(meta: Arc<dyn MetadataStore>) -> Self {
         MetaControl { meta }
     }
+
+    /// Every volume's placement record.
+    async fn placements(
+        &self,
+    ) -> Result<std::collections::HashMap<torus_traits::VolumeId, PlacementRecord>> {
+        let mut out = std::collections::HashMap::new();
+        for kv in self.meta.range(keys::PLACEMENT.as_bytes()).await? {
+            if let Some(id) = keys::volume_id_after(keys::PLACEMENT, &kv.key) {
+                out.insert(id, crate::codec::decode(&kv.key, &kv.value)?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn not_initialised() -> Error {
@@ -97,9 +132,25 @@ impl Control for MetaControl {
         catalog::create(&*self.meta, name, size, ring.replication).await
     }
 
+    async fn balance(&self) -> Result<Balance> {
+        let (ring, _) = cluster::ring(&*self.meta).await?;
+        let moving = self.placements().await?;
+        Ok(Balance {
+            moving: moving
+                .values()
+                .filter(|r| !r.balanced_at(ring.version))
+                .count() as u64,
+            stale: self.meta.range(DEGRADED.as_bytes()).await?.len() as u64
+                + crate::rebalance::live_orphans(&*self.meta)
+                    .await?
+                    .values()
+                    .sum::<u64>(),
+        })
+    }
+
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>> {
-        // Four ranges in all (locks, degraded records, peers, volumes), not
-        // requests per volume.
+        // Six ranges and gets in all (locks, degraded records, peers,
+        // placements, ring, volumes), not requests per volume.
         let mut open_on = std::collections::HashMap::new();
         for kv in self.meta.range(keys::LOCKS.as_bytes()).await? {
             if let Some(id) = keys::volume_id_after(keys::LOCKS, &kv.key) {
@@ -127,11 +178,22 @@ impl Control for MetaControl {
                 key.strip_prefix(keys::PEERS)?.parse::<PeerId>().ok()
             })
             .collect();
+        let (ring, _) = cluster::ring(&*self.meta).await?;
+        let placements = self.placements().await?;
         Ok(catalog::list(&*self.meta)
             .await?
             .into_iter()
             .map(|record| VolumeStatus {
                 status: match degraded.get(&record.id) {
+                    // Chunks are moving to the current ring's owners.
+                    _ if placements
+                        .get(&record.id)
+                        .is_some_and(|p| !p.balanced_at(ring.version)) =>
+                    {
+                        "rebuilding"
+                    }
+                    // Fewer ring members than copies wanted.
+                    None if (ring.members.len() as u32) < record.replication => "degraded",
                     None => "healthy",
                     Some(stale)
                         if open_on.contains_key(&record.id)

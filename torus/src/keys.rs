@@ -21,6 +21,10 @@ pub const VOLUMES_BY_NAME: &str = "/torus/volumes/by-name/";
 pub const VOLUMES_BY_ID: &str = "/torus/volumes/by-id/";
 pub const LOCKS: &str = "/torus/locks/";
 pub const PEERS: &str = "/torus/peers/";
+/// Past ring versions still needed by a volume being rebalanced.
+pub const RINGS: &str = "/torus/rings/";
+/// Per-volume placement state (which ring versions its chunks follow).
+pub const PLACEMENT: &str = "/torus/placement/";
 
 pub fn volume_by_name(name: &str) -> Vec<u8> {
     format!("{VOLUMES_BY_NAME}{name}").into_bytes()
@@ -45,6 +49,26 @@ pub fn volume_id_after(prefix: &str, key: &[u8]) -> Option<VolumeId> {
 
 pub fn lock(id: VolumeId) -> Vec<u8> {
     format!("{LOCKS}{:020}", id.0).into_bytes()
+}
+
+pub fn ring_version(version: u64) -> Vec<u8> {
+    format!("{RINGS}{version:020}").into_bytes()
+}
+
+pub fn placement(id: VolumeId) -> Vec<u8> {
+    format!("{PLACEMENT}{:020}", id.0).into_bytes()
+}
+
+/// Copies a finished move could not delete (the peer was unreachable):
+/// `orphans/<volume>/<index>/<peer>`.
+pub const ORPHANS: &str = "/torus/orphans/";
+
+pub fn orphans_of(volume: VolumeId) -> String {
+    format!("{ORPHANS}{:020}/", volume.0)
+}
+
+pub fn orphan(volume: VolumeId, index: u64, peer: PeerId) -> Vec<u8> {
+    format!("{}{index:020}/{peer}", orphans_of(volume)).into_bytes()
 }
 
 pub fn peer(id: PeerId) -> Vec<u8> {

@@ -21,6 +21,7 @@ pub mod keys;
 pub mod node;
 pub mod peers;
 pub mod placement;
+pub mod rebalance;
 pub mod replica;
 pub mod replication;
 pub mod volume;

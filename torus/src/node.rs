@@ -8,6 +8,13 @@
 //! peer registry and refreshes it with a heartbeat, serves volumes to
 //! frontends as a [`VolumeProvider`] (one writer lock per volume, shared by
 //! every handle on this node), and frees the chunks of deleted volumes.
+//!
+//! It also heals the cluster: the writer of each open volume resyncs stale
+//! replicas and moves chunks after a ring change; a rebalancer moves the
+//! chunks of volumes nobody has open (taking their lock a few seconds at a
+//! time); and the live ring member with the smallest id takes members that
+//! stayed down longer than `down_out_interval` out of the ring, which makes
+//! their chunks re-replicate (see [`rebalance`](crate::rebalance)).
 
 use crate::catalog::{self, VolumeRecord};
 use crate::cluster::{self, ClusterRecord};
@@ -46,7 +53,31 @@ pub struct NodeOptions {
     pub lease_ttl: Duration,
     /// Join the ring on start.
     pub auto_join: bool,
+    pub healing: Healing,
 }
+
+/// Self-healing settings of a node.
+#[derive(Clone, Debug)]
+pub struct Healing {
+    /// Take a ring member that stays down this long out of the ring, so its
+    /// chunks are re-replicated (`None`: never).
+    pub down_out_interval: Option<Duration>,
+    /// Most bytes per second copied to move chunks (0: unlimited).
+    pub rebalance_rate: u64,
+}
+
+impl Default for Healing {
+    fn default() -> Self {
+        Healing {
+            down_out_interval: Some(Duration::from_secs(300)),
+            rebalance_rate: 256 << 20,
+        }
+    }
+}
+
+/// How long a rebalancer or writer moves chunks before looking around again
+/// (an open waiting for a rebalancer's lock waits about this long).
+const REBALANCE_SLICE: Duration = Duration::from_secs(2);
 
 struct Inner {
     opts: NodeOptions,
@@ -64,6 +95,8 @@ struct Inner {
     /// lock and epoch instead of racing for it.
     open_gate: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Copied bytes at the last rate sample, when, and the rate then.
+    copy_rate: Mutex<(u64, std::time::Instant, u64)>,
 }
 
 /// A started node. Cheap to clone.
@@ -166,6 +199,7 @@ impl Node {
             meta: meta.clone(),
             ring: Arc::new(RwLock::new(Arc::new(ring))),
             directory: Arc::new(PeerDirectory::default()),
+            copied: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         // Listen for peers before registering, so the advertised address works.
         let mut address = opts.address.clone();
@@ -196,6 +230,7 @@ impl Node {
                 open: Mutex::new(HashMap::new()),
                 open_gate: tokio::sync::Mutex::new(()),
                 tasks: Mutex::new(Vec::new()),
+                copy_rate: Mutex::new((0, std::time::Instant::now(), 0)),
             }),
         };
         node.heartbeat().await?;
@@ -229,6 +264,12 @@ impl Node {
             cluster_watch,
         ));
         lock(&node.inner.tasks).extend([gc, hb, view]);
+        let rebalancer = tokio::spawn(rebalance_loop(Arc::downgrade(&node.inner)));
+        lock(&node.inner.tasks).push(rebalancer);
+        if let Some(interval) = node.inner.opts.healing.down_out_interval {
+            let out = tokio::spawn(down_out_loop(Arc::downgrade(&node.inner), interval));
+            lock(&node.inner.tasks).push(out);
+        }
         tracing::info!(id = %node.id(), "node started");
         Ok(node)
     }
@@ -372,7 +413,15 @@ impl Node {
     /// on, and its in-flight writes drain first. Best effort: a member that
     /// is down learns the epoch from metadata when it next sees the volume.
     async fn announce_epoch(&self, record: &VolumeRecord) {
-        let members: Vec<PeerId> = self.ring().members.iter().map(|m| m.id).collect();
+        let mut members: std::collections::BTreeSet<PeerId> =
+            self.ring().members.iter().map(|m| m.id).collect();
+        // Members of rings the volume is still moving from hold copies too.
+        match crate::rebalance::Placement::load(&*self.inner.meta, record.id, self.ring()).await {
+            Ok(p) => members.extend(p.members()),
+            Err(e) => {
+                tracing::debug!(volume = %record.name, "placement for the epoch announcement: {e}")
+            }
+        }
         let link = &self.inner.link;
         let calls = members.iter().map(|&peer| {
             let req = torus_traits::PeerRequest::Flush {
@@ -401,6 +450,102 @@ impl Node {
         Ok(Arc::new(io))
     }
 
+    /// Take a volume's writer lock; a lock held by another node's rebalancer
+    /// is waited for (it lets go after one slice), any other holder is an error.
+    async fn acquire_waiting_for_rebalancer(&self, name: &str) -> Result<VolumeRecord> {
+        let meta = &*self.inner.meta;
+        // Bounded: a few rebalancing slices.
+        for _ in 0..(REBALANCE_SLICE.as_millis() as u64 * 5 / 100) {
+            let lease = *lock(&self.inner.lease);
+            let address = self.address();
+            match catalog::acquire_lock(meta, name, self.id(), &address, lease).await {
+                Err(Error::Locked(why)) => {
+                    let (record, _) = catalog::get_by_name(meta, name).await?;
+                    match catalog::get_lock(meta, record.id).await? {
+                        Some((held, _)) if held.rebalancing => {}
+                        Some(_) => return Err(Error::Locked(why)),
+                        // Released in between: try again at once.
+                        None => continue,
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(Error::Locked(format!(
+            "volume {name:?} is being rebalanced and its lock was not released in time; try again"
+        )))
+    }
+
+    /// One slice of rebalancing for every volume that is placed by an older
+    /// ring and that no node has open.
+    async fn rebalance_unopened(&self) -> Result<()> {
+        let meta = &*self.inner.meta;
+        let ring = self.ring();
+        let mut records = HashMap::new();
+        for kv in meta.range(crate::keys::PLACEMENT.as_bytes()).await? {
+            if let Some(id) = crate::keys::volume_id_after(crate::keys::PLACEMENT, &kv.key) {
+                let record: crate::rebalance::PlacementRecord =
+                    crate::codec::decode(&kv.key, &kv.value)?;
+                records.insert(id, record);
+            }
+        }
+        let orphans = crate::rebalance::live_orphans(meta).await?;
+        for volume in catalog::list(meta).await? {
+            let balanced = records
+                .get(&volume.id)
+                .is_none_or(|r| r.balanced_at(ring.version))
+                && !orphans.contains_key(&volume.id);
+            if balanced
+                || lock(&self.inner.open).contains_key(&volume.name)
+                || catalog::get_lock(meta, volume.id).await?.is_some()
+            {
+                continue;
+            }
+            let lease = *lock(&self.inner.lease);
+            let address = self.address();
+            let record = match catalog::acquire_lock_for(
+                meta,
+                &volume.name,
+                self.id(),
+                &address,
+                lease,
+                true,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(Error::Locked(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let result = self.rebalance_slice(&record).await;
+            catalog::release_lock(meta, record.id, self.id(), record.epoch).await?;
+            match result {
+                Ok(()) | Err(Error::Fenced(_)) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %record.name, "rebalancing failed, will retry: {e}")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn rebalance_slice(&self, record: &VolumeRecord) -> Result<()> {
+        let io =
+            ReplicatedChunks::open(self.inner.link.clone(), record.id, record.replication).await?;
+        self.announce_epoch(record).await;
+        let chunks = record.size.div_ceil(self.inner.cluster.chunk_size);
+        let rate = self.inner.opts.healing.rebalance_rate;
+        let report = io
+            .rebalance(record.epoch, chunks, REBALANCE_SLICE, rate)
+            .await?;
+        // Stale replicas of the volume are this writer's to repair too.
+        io.resync(record.epoch).await?;
+        ChunkIo::flush(&io, record.id, record.epoch).await?;
+        tracing::debug!(volume = %record.name, ?report, "rebalancing slice");
+        Ok(())
+    }
+
     fn export_info(record: &VolumeRecord) -> ExportInfo {
         ExportInfo {
             name: record.name.clone(),
@@ -411,21 +556,128 @@ impl Node {
 }
 
 /// While a volume is open for writing here, bring its stale replicas up to
-/// date every `period` (incremental resync; see the replication module).
-async fn resync_loop(volume: Weak<OpenVolume>, period: Duration) {
+/// date (incremental resync) and move its chunks after a ring change, every
+/// `period` (continuously while a move is under way).
+async fn heal_loop(volume: Weak<OpenVolume>, period: Duration, chunk_size: u64, rate: u64) {
     loop {
-        tokio::time::sleep(period).await;
         let Some(ov) = volume.upgrade() else { return };
-        let epoch = ov.volume.record().epoch;
+        let record = ov.volume.record().clone();
         let io = ov.volume.io();
-        // Do not keep the volume open (and locked) just for the resync.
+        // Do not keep the volume open (and locked) just for the healing.
         drop(ov);
-        match io.resync(epoch).await {
+        match io.resync(record.epoch).await {
             Ok(_) => {}
             Err(Error::Fenced(_)) => return,
             Err(e) => tracing::warn!("resync pass failed: {e}"),
         }
+        let chunks = record.size.div_ceil(chunk_size);
+        let moving = match io
+            .rebalance(record.epoch, chunks, REBALANCE_SLICE, rate)
+            .await
+        {
+            Ok(r) => !r.done,
+            Err(Error::Fenced(_)) => return,
+            Err(e) => {
+                tracing::warn!(volume = %record.name, "rebalancing failed, will retry: {e}");
+                false
+            }
+        };
+        drop(io);
+        let pause = if moving {
+            Duration::from_millis(20)
+        } else {
+            period
+        };
+        tokio::time::sleep(pause).await;
     }
+}
+
+/// Move the chunks of volumes that no node has open, taking each one's lock
+/// for one slice at a time.
+async fn rebalance_loop(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let node = Node { inner: strong };
+        if !node.ring().contains(node.id()) {
+            continue;
+        }
+        if let Err(e) = node.rebalance_unopened().await {
+            tracing::warn!("rebalancing pass failed: {e}");
+        }
+        if let Err(e) = crate::rebalance::prune_ring_history(&*node.inner.meta).await {
+            tracing::debug!("pruning the ring history: {e}");
+        }
+    }
+}
+
+/// Take ring members that stayed down longer than `interval` out of the
+/// ring. Every member watches; only the live member with the smallest id
+/// acts, and the ring's compare-and-swap makes a racing second one harmless.
+async fn down_out_loop(inner: Weak<Inner>, interval: Duration) {
+    let mut down_since: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
+    let tick = (interval / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let meta = &*inner.meta;
+        let (ring, alive) = match (cluster::ring(meta).await, peers::alive(meta).await) {
+            (Ok((ring, _)), Ok(alive)) => (ring, alive),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("down-out check: {e}");
+                continue;
+            }
+        };
+        down_since.retain(|p, _| ring.contains(*p) && !alive.contains(p));
+        for m in &ring.members {
+            if !alive.contains(&m.id) {
+                down_since
+                    .entry(m.id)
+                    .or_insert_with(tokio::time::Instant::now);
+            }
+        }
+        let leader = ring
+            .members
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| alive.contains(id))
+            .min();
+        if leader != Some(inner.opts.id) {
+            continue;
+        }
+        let out: Vec<PeerId> = down_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= interval)
+            .map(|(p, _)| *p)
+            .collect();
+        if out.is_empty() || out.len() >= ring.members.len() {
+            continue;
+        }
+        tracing::warn!(peers = ?out, "taking peers out of the ring: down for more than {interval:?}; their chunks will be re-replicated");
+        match cluster::remove_members(meta, &out).await {
+            Ok(ring) => {
+                tracing::info!(version = ring.version, "ring changed");
+                down_since.retain(|p, _| !out.contains(p));
+            }
+            Err(e) => tracing::warn!("taking peers out of the ring failed: {e}"),
+        }
+    }
+}
+
+/// Bytes per second copied to rebuild or move chunks, sampled over at
+/// least a second (heartbeats on demand come more often).
+fn copy_rate(inner: &Inner) -> u64 {
+    let now = std::time::Instant::now();
+    let copied = inner.link.copied.load(std::sync::atomic::Ordering::Relaxed);
+    let mut sample = lock(&inner.copy_rate);
+    let elapsed = now.duration_since(sample.1);
+    if elapsed >= Duration::from_secs(1) {
+        let rate = copied.saturating_sub(sample.0) as f64 / elapsed.as_secs_f64();
+        *sample = (copied, now, rate as u64);
+    }
+    sample.2
 }
 
 async fn heartbeat_once(inner: &Inner) -> Result<()> {
@@ -437,7 +689,7 @@ async fn heartbeat_once(inner: &Inner) -> Result<()> {
         address,
         capacity: store.capacity(),
         used,
-        rebalance_rate: 0,
+        rebalance_rate: copy_rate(inner),
         updated_unix_ms: catalog::now_ms(),
     };
     let lease = *lock(&inner.lease);
@@ -637,15 +889,7 @@ impl VolumeProvider for Node {
         if let Some(ov) = lock(&self.inner.open).get(name).and_then(Weak::upgrade) {
             return Ok(Arc::new(Handle(ov)));
         }
-        let lease = *lock(&self.inner.lease);
-        let record = catalog::acquire_lock(
-            &*self.inner.meta,
-            name,
-            self.inner.opts.id,
-            &self.address(),
-            lease,
-        )
-        .await?;
+        let record = self.acquire_waiting_for_rebalancer(name).await?;
         tracing::info!(volume = %name, epoch = record.epoch.0, "volume opened for writing");
         let io = match self.chunk_io(&record, false).await {
             Ok(io) => io,
@@ -662,11 +906,16 @@ impl VolumeProvider for Node {
             node: Arc::downgrade(&self.inner),
         });
         let period = (self.inner.opts.lease_ttl / 2).max(Duration::from_millis(500));
-        let resync = tokio::spawn(resync_loop(Arc::downgrade(&ov), period));
+        let heal = tokio::spawn(heal_loop(
+            Arc::downgrade(&ov),
+            period,
+            chunk_size,
+            self.inner.opts.healing.rebalance_rate,
+        ));
         {
             let mut tasks = lock(&self.inner.tasks);
             tasks.retain(|t| !t.is_finished());
-            tasks.push(resync);
+            tasks.push(heal);
         }
         let mut open = lock(&self.inner.open);
         open.insert(name.to_string(), Arc::downgrade(&ov));

@@ -65,6 +65,19 @@ pub async fn forget(meta: &dyn MetadataStore, id: PeerId) -> Result<()> {
     Ok(())
 }
 
+/// The ids of the live peers (those whose lease holds their record).
+pub async fn alive(meta: &dyn MetadataStore) -> Result<std::collections::BTreeSet<PeerId>> {
+    Ok(meta
+        .range(keys::PEERS.as_bytes())
+        .await?
+        .iter()
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(&kv.key);
+            key.strip_prefix(keys::PEERS)?.parse::<PeerId>().ok()
+        })
+        .collect())
+}
+
 /// Every peer that is alive or in the ring, with its membership.
 pub async fn list(meta: &dyn MetadataStore) -> Result<Vec<PeerStatus>> {
     let mut alive = BTreeMap::new();

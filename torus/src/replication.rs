@@ -31,6 +31,7 @@
 
 use crate::codec::{decode, encode};
 use crate::placement;
+use crate::rebalance::Placement;
 use crate::replica::Replica;
 use crate::volume::ChunkIo;
 use async_trait::async_trait;
@@ -38,6 +39,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use torus_traits::{
     ChunkRef, Epoch, Error, EventKind, MetadataStore, PeerId, PeerRequest, PeerResponse,
@@ -98,11 +100,18 @@ pub struct ClusterLink {
     pub meta: Arc<dyn MetadataStore>,
     pub ring: Arc<RwLock<Arc<Ring>>>,
     pub directory: Arc<PeerDirectory>,
+    /// Bytes this node copied to rebuild or move replicas (the heartbeat
+    /// turns it into the REB/REP rate).
+    pub copied: Arc<AtomicU64>,
 }
 
 impl ClusterLink {
-    fn ring(&self) -> Arc<Ring> {
+    pub(crate) fn ring(&self) -> Arc<Ring> {
         self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn count_copied(&self, bytes: u64) {
+        self.copied.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Send one request to a peer (this node's own replica directly).
@@ -126,9 +135,13 @@ impl ClusterLink {
 
 /// Replicated chunk I/O for one open volume.
 pub struct ReplicatedChunks {
-    link: ClusterLink,
-    volume: VolumeId,
-    replication: u32,
+    pub(crate) link: ClusterLink,
+    pub(crate) volume: VolumeId,
+    pub(crate) replication: u32,
+    /// Which rings place which chunks (see [`rebalance`](crate::rebalance)).
+    placement: RwLock<Placement>,
+    /// Chunks written since a move started, while one runs.
+    noted: Mutex<Option<BTreeSet<u64>>>,
     /// Replicas known to be stale, per chunk index.
     degraded: Mutex<HashMap<u64, HashSet<PeerId>>>,
     /// Chunks each peer received since the last flush.
@@ -138,15 +151,15 @@ pub struct ReplicatedChunks {
     flush_gate: tokio::sync::Mutex<()>,
     /// Chunk locks, striped by index: writes shared, resync exclusive.
     stripes: Vec<tokio::sync::RwLock<()>>,
-    /// One resync pass at a time.
-    resync_gate: tokio::sync::Mutex<()>,
-    /// A reader's task following the writer's degraded records.
-    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// One resync or rebalancing pass at a time.
+    pub(crate) resync_gate: tokio::sync::Mutex<()>,
+    /// A reader's tasks following the writer's degraded and placement records.
+    followers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for ReplicatedChunks {
     fn drop(&mut self) {
-        if let Some(task) = lock(&self.follower).take() {
+        for task in lock(&self.followers).drain(..) {
             task.abort();
         }
     }
@@ -215,10 +228,44 @@ async fn follow_degraded(
     }
 }
 
+/// A reader's follower of the placement record: the writer moving chunks
+/// to a new ring is seen as it goes, so no read goes to an old copy after
+/// the move deleted it. On a broken watch, watches again and reloads.
+async fn follow_placement(
+    io: std::sync::Weak<ReplicatedChunks>,
+    meta: Arc<dyn MetadataStore>,
+    volume: VolumeId,
+    mut watch: torus_traits::WatchStream,
+) {
+    use futures::StreamExt;
+    loop {
+        let broken = match watch.next().await {
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                tracing::debug!(%volume, "placement watch broke: {e}");
+                true
+            }
+            None => true,
+        };
+        if broken {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            match meta.watch(&crate::keys::placement(volume)).await {
+                Ok(w) => watch = w,
+                Err(_) => continue,
+            }
+        }
+        let Some(io) = io.upgrade() else { return };
+        match Placement::load(&*meta, volume, io.link.ring()).await {
+            Ok(p) => io.set_placement(p),
+            Err(e) => tracing::warn!(%volume, "reloading the placement record: {e}"),
+        }
+    }
+}
+
 /// Stripes of chunk locks per volume.
 const STRIPES: u64 = 64;
 /// Bytes copied per request during a resync.
-const RESYNC_PIECE: u64 = 256 << 10;
+pub(crate) const RESYNC_PIECE: u64 = 256 << 10;
 /// How long a resync waits for a degraded peer to answer a ping.
 const RESYNC_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -242,16 +289,19 @@ impl ReplicatedChunks {
     /// Open replicated I/O for `volume`, loading its degraded records.
     pub async fn open(link: ClusterLink, volume: VolumeId, replication: u32) -> Result<Self> {
         let degraded = load_degraded(&*link.meta, volume).await?;
+        let placement = Placement::load(&*link.meta, volume, link.ring()).await?;
         Ok(ReplicatedChunks {
             link,
             volume,
             replication,
+            placement: RwLock::new(placement),
+            noted: Mutex::new(None),
             degraded: Mutex::new(degraded),
             dirty: Mutex::new(HashMap::new()),
             flush_gate: tokio::sync::Mutex::new(()),
             stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
             resync_gate: tokio::sync::Mutex::new(()),
-            follower: Mutex::new(None),
+            followers: Mutex::new(Vec::new()),
         })
     }
 
@@ -266,9 +316,21 @@ impl ReplicatedChunks {
         let meta = link.meta.clone();
         // Watch first, then load: no change between the two is missed.
         let watch = meta.watch(degraded_prefix(volume).as_bytes()).await?;
+        let placement = meta.watch(&crate::keys::placement(volume)).await?;
         let io = Arc::new(ReplicatedChunks::open(link, volume, replication).await?);
-        let task = tokio::spawn(follow_degraded(Arc::downgrade(&io), meta, volume, watch));
-        *lock(&io.follower) = Some(task);
+        let degraded = tokio::spawn(follow_degraded(
+            Arc::downgrade(&io),
+            meta.clone(),
+            volume,
+            watch,
+        ));
+        let moves = tokio::spawn(follow_placement(
+            Arc::downgrade(&io),
+            meta,
+            volume,
+            placement,
+        ));
+        lock(&io.followers).extend([degraded, moves]);
         Ok(io)
     }
 
@@ -285,7 +347,7 @@ impl ReplicatedChunks {
     }
 
     /// `peer` holds a current copy of chunk `index` again (in memory only).
-    fn forget_degraded(&self, index: u64, peer: PeerId) {
+    pub(crate) fn forget_degraded(&self, index: u64, peer: PeerId) {
         let mut degraded = lock(&self.degraded);
         let empty = degraded.get_mut(&index).is_some_and(|p| {
             p.remove(&peer);
@@ -296,7 +358,7 @@ impl ReplicatedChunks {
         }
     }
 
-    fn stripe(&self, index: u64) -> &tokio::sync::RwLock<()> {
+    pub(crate) fn stripe(&self, index: u64) -> &tokio::sync::RwLock<()> {
         // In range: the modulus is the vector's length.
         &self.stripes[(index % STRIPES) as usize]
     }
@@ -319,9 +381,8 @@ impl ReplicatedChunks {
         let mut alive: HashMap<PeerId, bool> = HashMap::new();
         for (index, peer) in self.degraded() {
             let chunk = ChunkRef::new(self.volume, index);
-            let ring = self.link.ring();
             // A replica no longer placed here is the rebalancer's business.
-            if !placement::replicas(&ring, chunk, self.replication).contains(&peer) {
+            if !self.placed(chunk).contains(&peer) {
                 report.remaining += 1;
                 continue;
             }
@@ -345,6 +406,7 @@ impl ReplicatedChunks {
                 Ok(bytes) => {
                     report.repaired += 1;
                     report.bytes += bytes;
+                    self.link.count_copied(bytes);
                 }
                 Err(e @ Error::Fenced(_)) => return Err(e),
                 Err(e) => {
@@ -414,10 +476,88 @@ impl ReplicatedChunks {
         Ok(sent)
     }
 
+    /// The replicas placing `chunk` now, in placement order.
+    pub(crate) fn placed(&self, chunk: ChunkRef) -> Vec<PeerId> {
+        let placement = self.placement.read().unwrap_or_else(|e| e.into_inner());
+        placement::replicas(placement.of(chunk.index).0, chunk, self.replication)
+    }
+
+    /// New owners of a chunk being moved that are not among its replicas:
+    /// they receive its writes too, so the move never misses one.
+    fn incoming(&self, chunk: ChunkRef) -> Vec<PeerId> {
+        let placement = self.placement.read().unwrap_or_else(|e| e.into_inner());
+        let (now, next) = placement.of(chunk.index);
+        let Some(next) = next else { return Vec::new() };
+        let old = placement::replicas(now, chunk, self.replication);
+        placement::replicas(next, chunk, self.replication)
+            .into_iter()
+            .filter(|p| !old.contains(p))
+            .collect()
+    }
+
+    pub(crate) fn placement(&self) -> Placement {
+        self.placement
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_placement(&self, placement: Placement) {
+        *self.placement.write().unwrap_or_else(|e| e.into_inner()) = placement;
+    }
+
+    /// Chunks below `cursor` have moved to the target ring.
+    pub(crate) fn advance_cursor(&self, cursor: u64) {
+        let mut placement = self.placement.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = &mut placement.target {
+            *c = cursor;
+        }
+    }
+
+    /// Every ring member that may hold this volume's chunks.
+    pub fn members(&self) -> BTreeSet<PeerId> {
+        self.placement
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .members()
+    }
+
+    pub(crate) fn start_noting_writes(&self) {
+        lock(&self.noted).get_or_insert_with(BTreeSet::new);
+    }
+
+    pub(crate) fn noted_writes(&self) -> BTreeSet<u64> {
+        lock(&self.noted).clone().unwrap_or_default()
+    }
+
+    pub(crate) fn stop_noting_writes(&self) -> BTreeSet<u64> {
+        lock(&self.noted).take().unwrap_or_default()
+    }
+
+    /// Every chunk lock, exclusively: no write is choosing or using
+    /// replicas while it is held.
+    pub(crate) async fn barrier_guard(&self) -> Vec<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let mut all = Vec::with_capacity(self.stripes.len());
+        for s in &self.stripes {
+            all.push(s.write().await);
+        }
+        all
+    }
+
+    /// Wait for every write in flight to finish.
+    pub(crate) async fn barrier(&self) {
+        drop(self.barrier_guard().await);
+    }
+
+    pub(crate) fn is_degraded(&self, index: u64, peer: PeerId) -> bool {
+        lock(&self.degraded)
+            .get(&index)
+            .is_some_and(|p| p.contains(&peer))
+    }
+
     /// The healthy replicas of a chunk, in placement order.
     fn targets(&self, chunk: ChunkRef) -> Result<Vec<PeerId>> {
-        let ring = self.link.ring();
-        let all = placement::replicas(&ring, chunk, self.replication);
+        let all = self.placed(chunk);
         if all.is_empty() {
             return Err(Error::Unavailable(
                 "the ring has no members: add peers with `torusctl peer add`".into(),
@@ -438,7 +578,7 @@ impl ReplicatedChunks {
     }
 
     /// Record `peer` as degraded for `chunks` in metadata, then in memory.
-    async fn mark_degraded(
+    pub(crate) async fn mark_degraded(
         &self,
         peer: PeerId,
         chunks: &[u64],
@@ -478,14 +618,21 @@ impl ReplicatedChunks {
         // Held until the write is recorded (or its failures are): a resync
         // of this chunk must not run in between.
         let _shared = self.stripe(chunk.index).read().await;
+        if let Some(noted) = lock(&self.noted).as_mut() {
+            noted.insert(chunk.index);
+        }
         let targets = self.targets(chunk)?;
+        let placed = targets.len();
+        let mut targets = targets;
+        targets.extend(self.incoming(chunk));
         let results = join_all(targets.iter().map(|&p| self.link.call(p, request.clone()))).await;
         let mut failed = Vec::new();
+        let mut failed_placed = 0;
         let mut first_err = None;
         let mut refused = None;
         // Look at every answer before returning, so each replica that took
         // the write is tracked for the next flush whatever else happened.
-        for (&peer, r) in targets.iter().zip(results) {
+        for (n, (&peer, r)) in targets.iter().zip(results).enumerate() {
             match r {
                 Ok(_) => {
                     lock(&self.dirty)
@@ -499,15 +646,20 @@ impl ReplicatedChunks {
                     refused.get_or_insert(e);
                 }
                 Err(e) => {
+                    // A new owner that misses a write is recorded like a
+                    // replica: the move may pass this chunk before copying it.
                     failed.push((peer, e.to_string()));
-                    first_err.get_or_insert(e);
+                    if n < placed {
+                        failed_placed += 1;
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
         }
         if let Some(e) = refused {
             return Err(e);
         }
-        if failed.len() == targets.len() {
+        if failed_placed == placed {
             return Err(
                 first_err.unwrap_or_else(|| Error::Unavailable("no replica answered".into()))
             );
@@ -590,6 +742,16 @@ impl ChunkIo for ReplicatedChunks {
 
     async fn resync(&self, epoch: Epoch) -> Result<ResyncReport> {
         ReplicatedChunks::resync(self, epoch).await
+    }
+
+    async fn rebalance(
+        &self,
+        epoch: Epoch,
+        chunks: u64,
+        budget: std::time::Duration,
+        rate: u64,
+    ) -> Result<crate::rebalance::RebalanceReport> {
+        ReplicatedChunks::rebalance(self, epoch, chunks, budget, rate).await
     }
 
     async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {

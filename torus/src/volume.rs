@@ -29,6 +29,20 @@ pub trait ChunkIo: Send + Sync + 'static {
     async fn resync(&self, _epoch: Epoch) -> Result<crate::replication::ResyncReport> {
         Ok(Default::default())
     }
+    /// Move chunks towards the current ring for at most `budget` (see
+    /// [`rebalance`](crate::rebalance)); a single local replica never moves.
+    async fn rebalance(
+        &self,
+        _epoch: Epoch,
+        _chunks: u64,
+        _budget: std::time::Duration,
+        _rate: u64,
+    ) -> Result<crate::rebalance::RebalanceReport> {
+        Ok(crate::rebalance::RebalanceReport {
+            done: true,
+            ..Default::default()
+        })
+    }
 }
 
 #[async_trait]

@@ -220,16 +220,17 @@ async fn a_stale_writer_is_fenced_by_every_replica() {
     assert_eq!(&dev_b.read(0, 6).await.unwrap()[..], b"from B");
 }
 
-#[tokio::test]
-async fn the_ring_does_not_change_under_existing_data() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_changes_under_existing_data_and_the_data_follows() {
     let c = cluster(2, 1, Duration::from_secs(10)).await;
     catalog::create(&*c.meta, "data", 8 << 20, 1).await.unwrap();
     let dev = c.nodes[0].open("data", false).await.unwrap();
     dev.write(0, Bytes::from(vec![5u8; 8 << 20]), true)
         .await
         .unwrap();
-    // A third node asking to auto-join is kept out (it would move chunks
-    // that nothing rebalances yet), and explicit changes are refused.
+    // A third node auto-joins a ring that already places data; the chunks
+    // it now owns move to it (see tests/rebalance.rs), and nothing written
+    // stops reading back meanwhile.
     let store: Arc<dyn BlockStore> = Arc::new(MemoryBlockStore::new(CHUNK, 256 << 20));
     let rec = cluster::get(&*c.meta).await.unwrap().unwrap();
     let opts = NodeOptions {
@@ -240,21 +241,24 @@ async fn the_ring_does_not_change_under_existing_data() {
         peer_advertise: None,
         lease_ttl: Duration::from_secs(10),
         auto_join: true,
+        healing: Default::default(),
     };
     let late = Node::start(opts, c.meta.clone(), store, rec).await.unwrap();
-    assert_eq!(c.nodes[0].ring().members.len(), 2);
-    let member = torus_traits::RingMember {
-        id: late.id(),
-        weight: 1,
-    };
-    assert!(matches!(
-        cluster::add_members(&*c.meta, &[member]).await,
-        Err(Error::Unsupported(_))
-    ));
-    assert!(matches!(
-        cluster::remove_members(&*c.meta, &[c.nodes[1].id()]).await,
-        Err(Error::Unsupported(_))
-    ));
-    // Everything written still reads back.
+    assert!(cluster::ring(&*c.meta).await.unwrap().0.contains(late.id()));
     assert!(dev.read(0, 8 << 20).await.unwrap().iter().all(|&b| b == 5));
+    // Taking every member out would leave the data nowhere: refused.
+    let all: Vec<PeerId> = cluster::ring(&*c.meta)
+        .await
+        .unwrap()
+        .0
+        .members
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert!(matches!(
+        cluster::remove_members(&*c.meta, &all).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(dev.read(0, 8 << 20).await.unwrap().iter().all(|&b| b == 5));
+    late.abandon();
 }

@@ -89,6 +89,7 @@ async fn link(members: &[PeerId], remote: Arc<Remote>) -> (ClusterLink, Arc<dyn 
         meta: meta.clone(),
         ring: Arc::new(RwLock::new(Arc::new(ring))),
         directory: dir,
+        copied: Default::default(),
     };
     (link, meta)
 }
@@ -319,6 +320,7 @@ async fn a_writer_cut_off_from_metadata_fences_itself_before_its_lease_lapses() 
         peer_advertise: None,
         lease_ttl: ttl,
         auto_join: true,
+        healing: Default::default(),
     };
     let node = Node::start(opts, meta, store, c).await.unwrap();
     catalog::create(&*inner, "v", 4 * CHUNK, 1).await.unwrap();

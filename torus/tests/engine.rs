@@ -42,6 +42,7 @@ async fn node_on(meta: &Arc<dyn MetadataStore>, name: &str, ttl: Duration) -> No
         peer_advertise: None,
         lease_ttl: ttl,
         auto_join: true,
+        healing: Default::default(),
     };
     Node::start(opts, meta.clone(), store, cluster)
         .await

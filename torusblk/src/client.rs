@@ -179,6 +179,11 @@ pub async fn connect(opts: &ClientOptions) -> Result<Node> {
         peer_advertise: None,
         lease_ttl: opts.lease_ttl,
         auto_join: false,
+        // A client never holds data, so it never takes peers out of the ring.
+        healing: torus::node::Healing {
+            down_out_interval: None,
+            ..Default::default()
+        },
     };
     let store = Arc::new(MemoryBlockStore::new(cluster.chunk_size, 0));
     Node::start(node_opts, meta, store, cluster).await

@@ -675,7 +675,10 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, WireError> {
             let bad = (0..n)
                 .map(|_| r.u32("bad block"))
                 .collect::<Result<_, _>>()?;
-            Message::Response(Ok(PeerResponse::Scan(torus_traits::ChunkScan { crcs, bad })))
+            Message::Response(Ok(PeerResponse::Scan(torus_traits::ChunkScan {
+                crcs,
+                bad,
+            })))
         }
         kind::PONG => Message::Response(Ok(PeerResponse::Pong)),
         kind::DATA => Message::Response(Ok(PeerResponse::Data(r.rest()))),

@@ -316,7 +316,8 @@ async fn run(args: Args) -> Result<String, String> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
-                Ok(torus::cli::peer_table(&peers, now))
+                let balance = ctl.balance().await.map_err(e)?;
+                Ok(torus::cli::peer_table(&peers, now, &balance))
             }
         }
     }

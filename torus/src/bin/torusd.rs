@@ -73,6 +73,10 @@ struct Args {
     /// The cluster CA every peer's certificate must be signed by.
     #[arg(long, value_name = "FILE")]
     peer_ca_file: Option<PathBuf>,
+    /// Take a ring member out of the ring after it has been down this long
+    /// and re-replicate its chunks, e.g. 5m; 0s never [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    down_out_interval: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         peer_cert_file: args.peer_cert_file,
         peer_key_file: args.peer_key_file,
         peer_ca_file: args.peer_ca_file,
+        down_out_interval: args.down_out_interval,
     };
     let cfg = match Config::load(args.config.as_deref(), std::env::vars(), &flags) {
         Ok(c) => c,

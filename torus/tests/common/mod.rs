@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use torus::cluster::{self, InitParams};
-use torus::node::{Node, NodeOptions};
+use torus::node::{Healing, Node, NodeOptions};
 use torus_backends::metadata::MemoryMetadata;
 use torus_traits::{BlockStore, MetadataStore, PeerId, PeerTransport};
 use torus_transports::MemoryNetwork;
@@ -51,6 +51,18 @@ pub async fn start_node_with_ttl(
     store: Arc<dyn BlockStore>,
     lease_ttl: Duration,
 ) -> Node {
+    start_node_healing(meta, net, i, store, lease_ttl, Healing::default()).await
+}
+
+/// [`start_node_with_ttl`] with its self-healing settings.
+pub async fn start_node_healing(
+    meta: &Arc<dyn MetadataStore>,
+    net: &MemoryNetwork,
+    i: usize,
+    store: Arc<dyn BlockStore>,
+    lease_ttl: Duration,
+    healing: Healing,
+) -> Node {
     let record = cluster::get(&**meta)
         .await
         .expect("read the cluster")
@@ -64,6 +76,7 @@ pub async fn start_node_with_ttl(
         peer_advertise: None,
         lease_ttl,
         auto_join: true,
+        healing,
     };
     Node::start(opts, meta.clone(), store, record)
         .await
