@@ -4,7 +4,8 @@
 //! back before the down-out interval and are resynced), once for longer than
 //! it (the node is taken out of the ring, its chunks re-replicated, and it
 //! rejoins). fio must see no verify error, and afterwards the cluster must
-//! return to `Balanced: true` with exactly three copies of every block.
+//! return to `Balanced: true` with exactly three copies of every block, and a
+//! scrub must find every copy equal.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,6 +171,10 @@ fn fio_verify_survives_killed_and_restarted_peers_and_the_cluster_heals() {
             .sum();
         used == 3 * 32 * MIB
     });
+    // A scrub compares every copy of every block: all equal.
+    let scrub = ctl_etcd(&e, &["volume", "scrub", "t", "--timeout", "2m"]);
+    assert!(scrub.contains(" 0 mismatched"), "{scrub}");
+    assert!(scrub.contains("32 chunks"), "{scrub}");
     // Every node reads the same bytes (each prefers its own copy).
     require("nbdcopy");
     let mut sums = Vec::new();

@@ -14,6 +14,7 @@ use crate::cluster::{ClusterRecord, InitParams};
 use crate::control::{Balance, Control, VolumeStatus};
 use crate::node::Node;
 use crate::peers::PeerStatus;
+use crate::scrub::ScrubResult;
 use async_trait::async_trait;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -115,6 +116,25 @@ async fn create_volume_h(
         .map_err(ApiError)
 }
 
+async fn request_scrub_h(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult<u64> {
+    s.control
+        .request_scrub(&name)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
+async fn scrub_result_h(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> ApiResult<Option<ScrubResult>> {
+    s.control
+        .scrub_result(&name)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
 async fn delete_volume_h(
     State(s): State<AdminState>,
     Path(name): Path<String>,
@@ -179,6 +199,10 @@ pub fn router(control: Arc<dyn Control>, node: Option<Node>) -> Router {
         .route("/v1/init", post(init_h))
         .route("/v1/volumes", get(list_volumes_h).post(create_volume_h))
         .route("/v1/volumes/{name}", delete(delete_volume_h))
+        .route(
+            "/v1/volumes/{name}/scrub",
+            get(scrub_result_h).post(request_scrub_h),
+        )
         .route("/v1/peers", get(list_peers_h))
         .route("/v1/balance", get(balance_h))
         .route("/v1/ring", get(ring_h))
@@ -287,6 +311,14 @@ impl Control for AdminClient {
     }
     async fn list_peers(&self) -> Result<Vec<PeerStatus>> {
         self.call(self.http.get(self.url("/v1/peers"))).await
+    }
+    async fn request_scrub(&self, name: &str) -> Result<u64> {
+        let path = format!("/v1/volumes/{}/scrub", urlencode(name));
+        self.call(self.http.post(self.url(&path))).await
+    }
+    async fn scrub_result(&self, name: &str) -> Result<Option<ScrubResult>> {
+        let path = format!("/v1/volumes/{}/scrub", urlencode(name));
+        self.call(self.http.get(self.url(&path))).await
     }
     async fn balance(&self) -> Result<Balance> {
         self.call(self.http.get(self.url("/v1/balance"))).await

@@ -214,6 +214,7 @@ pub async fn delete(meta: &dyn MetadataStore, name: &str) -> Result<VolumeRecord
                     TxnOp::delete_prefix(crate::replication::degraded_prefix(record.id)),
                     TxnOp::delete(keys::placement(record.id)),
                     TxnOp::delete_prefix(keys::orphans_of(record.id)),
+                    TxnOp::delete_prefix(keys::scrub_of(record.id)),
                 ]),
         )
         .await?;

@@ -70,6 +70,21 @@ pub fn volume_table(volumes: &[VolumeStatus]) -> String {
     table(&["VOLUME NAME", "SIZE", "TYPE", "STATUS"], &rows)
 }
 
+/// `torusctl volume scrub`: what the scrub found and fixed; an error when
+/// it could not finish or left blocks unrecoverable.
+pub fn scrub_text(name: &str, r: &crate::scrub::ScrubResult) -> Result<String, String> {
+    let s = &r.report;
+    let text = format!(
+        "scrubbed volume {name}: {} chunks, {} blocks compared, {} mismatched, {} repaired, {} unrecoverable\n",
+        s.chunks, s.blocks, s.mismatches, s.repaired, s.unrecoverable
+    );
+    match &r.error {
+        Some(e) => Err(format!("{text}scrub stopped early: {e}")),
+        None if s.unrecoverable > 0 => Err(text),
+        None => Ok(text),
+    }
+}
+
 /// `torusctl list-peers`: the table, then `Balanced: … Usage: …%`.
 /// Balanced means every member is up, nothing is being copied, and
 /// `balance` has no chunk left to move or rebuild.

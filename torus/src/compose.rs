@@ -231,6 +231,9 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
             down_out_interval: (!cfg.cluster.down_out_interval.is_zero())
                 .then_some(cfg.cluster.down_out_interval),
             rebalance_rate: cfg.cluster.rebalance_rate.0,
+            scrub_interval: (!cfg.cluster.scrub_interval.is_zero())
+                .then_some(cfg.cluster.scrub_interval),
+            scrub_rate: cfg.cluster.scrub_rate.0,
         },
     };
     let node = Node::start(opts, meta.clone(), store, cluster).await?;

@@ -180,6 +180,12 @@ pub struct ClusterConfig {
     /// Most bytes per second this node copies to move or rebuild chunks
     /// (`0` unlimited), so foreground I/O keeps its share.
     pub rebalance_rate: ByteSize,
+    /// Scrub each open volume this often (compare replicas, repair); `0s`
+    /// only when asked (`torusctl volume scrub`).
+    #[serde(with = "torus_backends::duration_text")]
+    pub scrub_interval: Duration,
+    /// Most bytes per second a scheduled scrub scans (`0` unlimited).
+    pub scrub_rate: ByteSize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,6 +281,8 @@ impl Default for ClusterConfig {
             auto_join: None,
             down_out_interval: Duration::from_secs(300),
             rebalance_rate: ByteSize(256 << 20),
+            scrub_interval: Duration::from_secs(7 * 24 * 3600),
+            scrub_rate: ByteSize(64 << 20),
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::keys;
 use crate::peers::{self, PeerStatus};
 use crate::rebalance::PlacementRecord;
 use crate::replication::{parse_degraded_key, DEGRADED};
+use crate::scrub::ScrubResult;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -57,6 +58,11 @@ pub trait Control: Send + Sync {
     async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRecord>;
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>>;
     async fn delete_volume(&self, name: &str) -> Result<VolumeRecord>;
+    /// Ask for a scrub of a volume; returns the request id its result will
+    /// carry (see [`scrub`](crate::scrub)).
+    async fn request_scrub(&self, name: &str) -> Result<u64>;
+    /// The last recorded scrub of a volume.
+    async fn scrub_result(&self, name: &str) -> Result<Option<ScrubResult>>;
     async fn list_peers(&self) -> Result<Vec<PeerStatus>>;
     async fn ring(&self) -> Result<Ring>;
     /// Add peers, named by UUID or address, to the ring.
@@ -212,6 +218,16 @@ impl Control for MetaControl {
 
     async fn delete_volume(&self, name: &str) -> Result<VolumeRecord> {
         catalog::delete(&*self.meta, name).await
+    }
+
+    async fn request_scrub(&self, name: &str) -> Result<u64> {
+        let (record, _) = catalog::get_by_name(&*self.meta, name).await?;
+        crate::scrub::request(&*self.meta, record.id).await
+    }
+
+    async fn scrub_result(&self, name: &str) -> Result<Option<ScrubResult>> {
+        let (record, _) = catalog::get_by_name(&*self.meta, name).await?;
+        crate::scrub::last_result(&*self.meta, record.id).await
     }
 
     async fn list_peers(&self) -> Result<Vec<PeerStatus>> {

@@ -71,6 +71,13 @@ pub fn orphan(volume: VolumeId, index: u64, peer: PeerId) -> Vec<u8> {
     format!("{}{index:020}/{peer}", orphans_of(volume)).into_bytes()
 }
 
+/// Scrub requests and results: `scrub/<volume>/request|result`.
+pub const SCRUB: &str = "/torus/scrub/";
+
+pub fn scrub_of(volume: VolumeId) -> String {
+    format!("{SCRUB}{:020}/", volume.0)
+}
+
 pub fn peer(id: PeerId) -> Vec<u8> {
     format!("{PEERS}{id}").into_bytes()
 }

@@ -24,4 +24,5 @@ pub mod placement;
 pub mod rebalance;
 pub mod replica;
 pub mod replication;
+pub mod scrub;
 pub mod volume;

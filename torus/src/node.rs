@@ -64,6 +64,10 @@ pub struct Healing {
     pub down_out_interval: Option<Duration>,
     /// Most bytes per second copied to move chunks (0: unlimited).
     pub rebalance_rate: u64,
+    /// Scrub each open volume this often (`None`: only when asked).
+    pub scrub_interval: Option<Duration>,
+    /// Most bytes per second a scheduled scrub scans (0: unlimited).
+    pub scrub_rate: u64,
 }
 
 impl Default for Healing {
@@ -71,6 +75,8 @@ impl Default for Healing {
         Healing {
             down_out_interval: Some(Duration::from_secs(300)),
             rebalance_rate: 256 << 20,
+            scrub_interval: Some(Duration::from_secs(7 * 24 * 3600)),
+            scrub_rate: 64 << 20,
         }
     }
 }
@@ -491,11 +497,19 @@ impl Node {
             }
         }
         let orphans = crate::rebalance::live_orphans(meta).await?;
+        let scrubs: std::collections::HashSet<_> = meta
+            .range(crate::keys::SCRUB.as_bytes())
+            .await?
+            .iter()
+            .filter(|kv| kv.key.ends_with(b"/request"))
+            .filter_map(|kv| crate::keys::volume_id_after(crate::keys::SCRUB, &kv.key))
+            .collect();
         for volume in catalog::list(meta).await? {
             let balanced = records
                 .get(&volume.id)
                 .is_none_or(|r| r.balanced_at(ring.version))
-                && !orphans.contains_key(&volume.id);
+                && !orphans.contains_key(&volume.id)
+                && !scrubs.contains(&volume.id);
             if balanced
                 || lock(&self.inner.open).contains_key(&volume.name)
                 || catalog::get_lock(meta, volume.id).await?.is_some()
@@ -539,8 +553,16 @@ impl Node {
         let report = io
             .rebalance(record.epoch, chunks, REBALANCE_SLICE, rate)
             .await?;
-        // Stale replicas of the volume are this writer's to repair too.
+        // Stale replicas of the volume are this writer's to repair too, and
+        // an operator's scrub request.
         io.resync(record.epoch).await?;
+        if report.done {
+            let asked_only = Healing {
+                scrub_interval: None,
+                ..self.inner.opts.healing.clone()
+            };
+            scrub_if_due(&*self.inner.meta, record, &io, &asked_only).await?;
+        }
         ChunkIo::flush(&io, record.id, record.epoch).await?;
         tracing::debug!(volume = %record.name, ?report, "rebalancing slice");
         Ok(())
@@ -558,7 +580,14 @@ impl Node {
 /// While a volume is open for writing here, bring its stale replicas up to
 /// date (incremental resync) and move its chunks after a ring change, every
 /// `period` (continuously while a move is under way).
-async fn heal_loop(volume: Weak<OpenVolume>, period: Duration, chunk_size: u64, rate: u64) {
+async fn heal_loop(
+    volume: Weak<OpenVolume>,
+    period: Duration,
+    chunk_size: u64,
+    healing: Healing,
+    meta: Arc<dyn MetadataStore>,
+) {
+    let rate = healing.rebalance_rate;
     loop {
         let Some(ov) = volume.upgrade() else { return };
         let record = ov.volume.record().clone();
@@ -582,6 +611,13 @@ async fn heal_loop(volume: Weak<OpenVolume>, period: Duration, chunk_size: u64, 
                 false
             }
         };
+        if !moving {
+            match scrub_if_due(&*meta, &record, &*io, &healing).await {
+                Ok(()) => {}
+                Err(Error::Fenced(_)) => return,
+                Err(e) => tracing::warn!(volume = %record.name, "scrub failed: {e}"),
+            }
+        }
         drop(io);
         let pause = if moving {
             Duration::from_millis(20)
@@ -590,6 +626,49 @@ async fn heal_loop(volume: Weak<OpenVolume>, period: Duration, chunk_size: u64, 
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Scrub a volume if an operator asked for it or its schedule says so, and
+/// record the result.
+async fn scrub_if_due(
+    meta: &dyn MetadataStore,
+    record: &VolumeRecord,
+    io: &dyn ChunkIo,
+    healing: &Healing,
+) -> Result<()> {
+    let request = crate::scrub::pending_request(meta, record.id).await?;
+    let due = match (healing.scrub_interval, &request) {
+        (_, Some(_)) => true,
+        (None, None) => false,
+        (Some(every), None) => {
+            let last = crate::scrub::last_result(meta, record.id)
+                .await?
+                .map_or(record.created_unix_ms, |r| r.finished_unix_ms);
+            catalog::now_ms().saturating_sub(last) >= every.as_millis() as u64
+        }
+    };
+    if !due {
+        return Ok(());
+    }
+    // An operator waiting for the answer gets it at full speed.
+    let rate = if request.is_some() {
+        0
+    } else {
+        healing.scrub_rate
+    };
+    tracing::info!(volume = %record.name, "scrub started");
+    let outcome = io.scrub(record.epoch, rate).await;
+    if let Err(e @ Error::Fenced(_)) = outcome {
+        return Err(e);
+    }
+    let result = crate::scrub::ScrubResult {
+        request: request.map_or(0, |r| r.id),
+        finished_unix_ms: catalog::now_ms(),
+        report: outcome.as_ref().cloned().unwrap_or_default(),
+        error: outcome.as_ref().err().map(|e| e.to_string()),
+    };
+    tracing::info!(volume = %record.name, report = ?result.report, error = ?result.error, "scrub finished");
+    crate::scrub::record(meta, record.id, &result).await
 }
 
 /// Move the chunks of volumes that no node has open, taking each one's lock
@@ -910,7 +989,8 @@ impl VolumeProvider for Node {
             Arc::downgrade(&ov),
             period,
             chunk_size,
-            self.inner.opts.healing.rebalance_rate,
+            self.inner.opts.healing.clone(),
+            self.inner.meta.clone(),
         ));
         {
             let mut tasks = lock(&self.inner.tasks);

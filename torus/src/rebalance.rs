@@ -89,9 +89,10 @@ impl PlacementRecord {
         }
     }
 
-    /// Whether every chunk is placed by ring `version`.
+    /// Whether every chunk is placed by ring `version` (or a later one a
+    /// lagging view of the ring has not seen yet).
     pub fn balanced_at(&self, version: u64) -> bool {
-        self.target.is_none() && self.settled == version
+        self.target.is_none() && self.settled >= version
     }
 }
 
@@ -204,7 +205,9 @@ impl ReplicatedChunks {
         let placement = self.placement();
         let (settled, target, mut cursor) = match placement.target {
             Some((t, c)) => (placement.settled, t, c),
-            None if placement.settled.version == current.version => {
+            // Nothing newer (this node's view of the ring may also lag the
+            // version the volume was placed by: never move backwards).
+            None if placement.settled.version >= current.version => {
                 self.delete_orphans().await?;
                 report.done = true;
                 return Ok(report);
@@ -265,7 +268,7 @@ impl ReplicatedChunks {
             }
         }
         self.finish(&settled, &target, &existing, epoch).await?;
-        report.done = target.version == self.link.ring().version;
+        report.done = target.version >= self.link.ring().version;
         Ok(report)
     }
 

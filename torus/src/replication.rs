@@ -142,6 +142,9 @@ pub struct ReplicatedChunks {
     placement: RwLock<Placement>,
     /// Chunks written since a move started, while one runs.
     noted: Mutex<Option<BTreeSet<u64>>>,
+    /// The epoch this volume is written at here (0: a reader), so a read
+    /// finding a copy that fails its checksum can record it stale.
+    writer_epoch: AtomicU64,
     /// Replicas known to be stale, per chunk index.
     degraded: Mutex<HashMap<u64, HashSet<PeerId>>>,
     /// Chunks each peer received since the last flush.
@@ -296,6 +299,7 @@ impl ReplicatedChunks {
             replication,
             placement: RwLock::new(placement),
             noted: Mutex::new(None),
+            writer_epoch: AtomicU64::new(0),
             degraded: Mutex::new(degraded),
             dirty: Mutex::new(HashMap::new()),
             flush_gate: tokio::sync::Mutex::new(()),
@@ -377,6 +381,7 @@ impl ReplicatedChunks {
     /// docs). Stops at a `Fenced` answer (a newer writer exists).
     pub async fn resync(&self, epoch: Epoch) -> Result<ResyncReport> {
         let _one = self.resync_gate.lock().await;
+        self.writer_epoch.fetch_max(epoch.0, Ordering::Relaxed);
         let mut report = ResyncReport::default();
         let mut alive: HashMap<PeerId, bool> = HashMap::new();
         for (index, peer) in self.degraded() {
@@ -618,6 +623,7 @@ impl ReplicatedChunks {
         // Held until the write is recorded (or its failures are): a resync
         // of this chunk must not run in between.
         let _shared = self.stripe(chunk.index).read().await;
+        self.writer_epoch.fetch_max(epoch.0, Ordering::Relaxed);
         if let Some(noted) = lock(&self.noted).as_mut() {
             noted.insert(chunk.index);
         }
@@ -676,6 +682,23 @@ impl ReplicatedChunks {
         lock(&self.dirty).entry(peer).or_default().extend(chunks);
     }
 
+    /// Copies of `chunk` that failed their checksum while another copy
+    /// served the read: as the writer, record them stale, so the resync
+    /// rewrites the chunk from a good copy (a reader leaves that to the
+    /// writer's scrub). The only good copy is never the one given up.
+    async fn record_rotten(&self, chunk: ChunkRef, rotten: &[(PeerId, String)]) -> Result<()> {
+        let epoch = self.writer_epoch.load(Ordering::Relaxed);
+        if epoch == 0 {
+            return Ok(());
+        }
+        for (peer, why) in rotten {
+            let why = format!("checksum mismatch: {why}");
+            self.mark_degraded(*peer, &[chunk.index], Epoch(epoch), &why)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// The peers a write of `chunk` reached, for tests and status.
     pub fn healthy_replicas(&self, chunk: ChunkRef) -> Result<Vec<PeerId>> {
         self.targets(chunk)
@@ -690,19 +713,28 @@ impl ChunkIo for ReplicatedChunks {
             targets[..=pos].rotate_right(1);
         }
         let mut last = None;
+        let mut rotten = Vec::new();
         for peer in targets {
             match self
                 .link
                 .call(peer, PeerRequest::Read { chunk, offset, len })
                 .await
             {
-                Ok(PeerResponse::Data(d)) if d.len() as u64 == len => return Ok(d),
+                Ok(PeerResponse::Data(d)) if d.len() as u64 == len => {
+                    self.record_rotten(chunk, &rotten).await?;
+                    return Ok(d);
+                }
                 Ok(other) => {
                     last = Some(Error::Corrupt(format!(
                         "peer {peer} answered a read with {other:?}"
                     )))
                 }
                 Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                Err(Error::Corrupt(why)) => {
+                    tracing::warn!(%peer, %chunk, "copy fails its checksum, reading another: {why}");
+                    rotten.push((peer, why.clone()));
+                    last = Some(Error::Corrupt(why));
+                }
                 Err(e) => {
                     tracing::debug!(%peer, %chunk, "read failed, trying the next replica: {e}");
                     last = Some(e);
@@ -754,6 +786,10 @@ impl ChunkIo for ReplicatedChunks {
         ReplicatedChunks::rebalance(self, epoch, chunks, budget, rate).await
     }
 
+    async fn scrub(&self, epoch: Epoch, rate: u64) -> Result<crate::scrub::ScrubReport> {
+        ReplicatedChunks::scrub(self, epoch, rate).await
+    }
+
     async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
         let _gate = self.flush_gate.lock().await;
         let pending: Vec<(PeerId, BTreeSet<u64>)> = lock(&self.dirty).drain().collect();
@@ -792,9 +828,18 @@ impl ChunkIo for ReplicatedChunks {
         // another replica made that chunk durable; the last copy is never
         // written off — it stays pending and the flush fails, to be retried.
         let mut first_err = None;
+        let failed_peers: HashSet<PeerId> = failed.iter().map(|f| f.0).collect();
         for (peer, chunks, e) in &failed {
-            let (covered, uncovered): (Vec<u64>, Vec<u64>) =
-                chunks.iter().partition(|i| durable.contains(i));
+            // Covered: made durable by another replica in this barrier, or
+            // held by a healthy replica that flushed everything it got (a
+            // healthy replica received every write since it became healthy,
+            // and a resync or move that made it healthy flushed the copy).
+            let (covered, uncovered): (Vec<u64>, Vec<u64>) = chunks.iter().partition(|&&i| {
+                durable.contains(&i)
+                    || self
+                        .targets(ChunkRef::new(volume, i))
+                        .is_ok_and(|t| t.iter().any(|p| p != peer && !failed_peers.contains(p)))
+            });
             if !covered.is_empty() {
                 if let Err(me) = self
                     .mark_degraded(*peer, &covered, epoch, &format!("flush failed: {e}"))

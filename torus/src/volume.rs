@@ -43,6 +43,10 @@ pub trait ChunkIo: Send + Sync + 'static {
             ..Default::default()
         })
     }
+    /// Compare replicas and repair them (see [`scrub`](crate::scrub)).
+    async fn scrub(&self, _epoch: Epoch, _rate: u64) -> Result<crate::scrub::ScrubReport> {
+        Ok(Default::default())
+    }
 }
 
 #[async_trait]

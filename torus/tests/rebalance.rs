@@ -4,7 +4,8 @@
 //! again from the other replicas — all while the volume stays readable and
 //! writable. A seeded random workload with a reference model runs while peers
 //! fail, return, join and leave; afterwards every replica of every chunk is
-//! identical and equals the model.
+//! identical and equals the model. A scrub finds a copy that diverged
+//! behind the store's back and rewrites it from the majority.
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
@@ -158,10 +159,27 @@ async fn write(dev: &Arc<dyn BlockDevice>, model: &mut [u8], offset: u64, data: 
     dev.write(offset, data, false).await.unwrap();
 }
 
+/// Ask for a scrub of `name` and wait for its report.
+async fn scrub_now(ctl: &MetaControl, name: &str) -> torus::scrub::ScrubReport {
+    let id = ctl.request_scrub(name).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = ctl.scrub_result(name).await.unwrap() {
+            if r.request == id {
+                assert_eq!(r.error, None);
+                return r.report;
+            }
+        }
+        assert!(Instant::now() < deadline, "no scrub result for {name}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn fast_healing() -> Healing {
     Healing {
         down_out_interval: Some(Duration::from_millis(1500)),
         rebalance_rate: 0,
+        ..Healing::default()
     }
 }
 
@@ -425,4 +443,49 @@ async fn thrash_seed_from_env() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
     thrash(seed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_finds_a_diverged_copy_and_rewrites_it_from_the_majority() {
+    let c = Cluster::new(3, 3, Healing::default(), Duration::from_secs(2)).await;
+    let vol = catalog::create(&*c.meta, "vol", SIZE, 3).await.unwrap();
+    let dev = c.nodes[&0].open("vol", false).await.unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    for index in 0..4 {
+        write(&dev, &mut model, index * CHUNK, pattern(index, 64 << 10)).await;
+    }
+    dev.flush().await.unwrap();
+    // Three blocks of node 2's copy change behind the store's back.
+    let rot = &c.stores[&2];
+    for (index, block) in [(0u64, 1u64), (1, 0), (3, 5)] {
+        rot.write(
+            ChunkRef::new(vol.id, index),
+            block * 4096,
+            Bytes::from(vec![0xEE; 4096]),
+        )
+        .await
+        .unwrap();
+    }
+    let report = scrub_now(&c.control(), "vol").await;
+    assert_eq!(report.chunks, 4, "{report:?}");
+    assert_eq!(report.mismatches, 3, "{report:?}");
+    assert_eq!(report.repaired, 3, "{report:?}");
+    assert_eq!(report.unrecoverable, 0, "{report:?}");
+    for index in 0..4 {
+        let chunk = ChunkRef::new(vol.id, index);
+        let want = &model[(index * CHUNK) as usize..((index + 1) * CHUNK) as usize];
+        for store in c.stores.values() {
+            assert!(store.read(chunk, 0, CHUNK).await.unwrap()[..] == want[..]);
+        }
+    }
+    let again = scrub_now(&c.control(), "vol").await;
+    assert_eq!(again.mismatches, 0, "{again:?}");
+    // The table torusctl prints.
+    let r = c.control().scrub_result("vol").await.unwrap().unwrap();
+    let text = torus::cli::scrub_text("vol", &r).unwrap();
+    assert!(text.contains("0 mismatched"), "{text}");
+    drop(dev);
+    for n in c.nodes.values() {
+        n.abandon();
+    }
 }

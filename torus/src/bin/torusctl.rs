@@ -144,6 +144,15 @@ enum VolumeCommand {
     },
     /// Delete a volume and free its space.
     Delete { name: String },
+    /// Compare every copy of every block of a volume and repair the ones
+    /// that differ or fail their checksum; prints what it found and fixed.
+    /// The volume's writer (or a rebalancer, if nobody has it open) runs it.
+    Scrub {
+        name: String,
+        /// Give up waiting for the result after this long, e.g. 10m.
+        #[arg(long, default_value = "30m")]
+        timeout: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -286,6 +295,26 @@ async fn run(args: Args) -> Result<String, String> {
             VolumeCommand::Delete { name } => {
                 let v = ctl.delete_volume(&name).await.map_err(e)?;
                 Ok(format!("deleted volume {}\n", v.name))
+            }
+            VolumeCommand::Scrub { name, timeout } => {
+                let limit = humantime::parse_duration(&timeout)
+                    .map_err(|err| format!("--timeout {timeout:?}: {err}"))?;
+                let id = ctl.request_scrub(&name).await.map_err(e)?;
+                let deadline = std::time::Instant::now() + limit;
+                // Bounded by --timeout.
+                loop {
+                    if let Some(r) = ctl.scrub_result(&name).await.map_err(e)? {
+                        if r.request == id {
+                            return torus::cli::scrub_text(&name, &r);
+                        }
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(format!(
+                            "no scrub result for {name} after {timeout}: is a node running?"
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
             }
         },
         Command::Peer { command } => {
