@@ -589,10 +589,10 @@ async fn checksums_hold_under_concurrent_io(open: Opener) {
     for t in 0..8u64 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            for i in 0..150u64 {
-                let chunk = chunks[((t + i) % 2) as usize];
+            for i in 0..600u64 {
+                let chunk = chunks[((t + i / 8) % 2) as usize];
                 // A few blocks only, so that tasks collide.
-                let block = (t * 7 + i * 3) % 6;
+                let block = (t + i) % 3;
                 let seed = (t * 31 + i) as u8;
                 match i % 6 {
                     0 => store

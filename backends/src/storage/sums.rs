@@ -496,6 +496,37 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_waits_for_the_changes_of_the_epoch_it_closes() {
+        use std::sync::atomic::AtomicBool;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, _) = DirtyLog::open(tmp.path()).expect("open");
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let old = log.enter();
+            let flush = s.spawn(|| {
+                let closing = log.begin_flush();
+                done.store(true, Ordering::SeqCst);
+                closing
+            });
+            while log.epoch.load(Ordering::SeqCst) == old.epoch() {
+                std::thread::yield_now();
+            }
+            // A change starting now belongs to the next epoch: not waited for.
+            let new = log.enter();
+            assert_eq!(new.epoch(), old.epoch() + 1);
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !done.load(Ordering::SeqCst),
+                "returned with a change running"
+            );
+            let epoch = old.epoch();
+            drop(old);
+            assert_eq!(flush.join().expect("flush thread"), epoch);
+            drop(new);
+        });
+    }
+
+    #[test]
     fn log_lists_what_was_appended_until_cleared() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let a = ChunkRef::new(VolumeId(7), 3);
