@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_backends::storage::faulty::{Op, OpSet};
-use torus_backends::storage::{FaultControl, FaultyBlockStore, MemoryBlockStore};
+use torus_backends::storage::{FaultControl, FaultyBlockStore, FileBlockStore, MemoryBlockStore};
 use torus_traits::conformance::block_store as suite;
-use torus_traits::{BlockStore, ChunkRef, Error, VolumeId, SECTOR};
+use torus_traits::{BlockStore, ChunkRef, ChunkScan, Error, VolumeId, SECTOR};
 
 const CHUNK: u64 = suite::CHUNK_SIZE;
 const CAPACITY: u64 = suite::CAPACITY;
@@ -294,6 +294,75 @@ async fn rot_damages_stored_data_until_rewritten() {
     assert_eq!(s.used().await.unwrap(), SECTOR);
     s.write(a, 0, bytes(0x10, 100)).await.unwrap();
     assert_eq!(s.read(a, 0, 100).await.unwrap(), bytes(0x10, 100));
+}
+
+/// `scan_chunk` is forwarded to the inner store and treated as a read of
+/// the whole chunk: read failure rules apply, and read corruption makes the
+/// blocks it hits scan as the corrupted data and be listed as bad.
+#[tokio::test]
+async fn scan_chunk_follows_the_read_faults() {
+    let (s, control) = faulty(CAPACITY);
+    let a = c(1, 0);
+    s.write(a, 0, bytes(0x10, 3 * SECTOR as usize))
+        .await
+        .unwrap();
+    let clean = s.scan_chunk(a).await.unwrap();
+    assert_eq!(clean, ChunkScan::of(&s.read(a, 0, CHUNK).await.unwrap()));
+
+    control.fail(OpSet::READS, Error::Unavailable("dead disk".into()));
+    assert!(matches!(s.scan_chunk(a).await, Err(Error::Unavailable(_))));
+    control.clear_fail();
+    control.fail_chunk(a, Error::Unavailable("bad spot".into()));
+    assert!(matches!(s.scan_chunk(a).await, Err(Error::Unavailable(_))));
+    assert!(s.scan_chunk(c(1, 1)).await.is_ok());
+    control.clear_fail();
+
+    control.corrupt_chunk(a);
+    let scan = s.scan_chunk(a).await.unwrap();
+    let read = s.read(a, 0, CHUNK).await.unwrap();
+    assert_eq!(
+        scan.crcs,
+        ChunkScan::of(&read).crcs,
+        "as the corrupted read"
+    );
+    let every: Vec<u32> = (0..(CHUNK / SECTOR) as u32).collect();
+    assert_eq!(scan.bad, every);
+    control.clear_corruption();
+
+    control.corrupt_reads(1.0, 3);
+    let scan = s.scan_chunk(a).await.unwrap();
+    assert_eq!(scan.bad.len(), 1);
+    let hit = scan.bad[0] as usize;
+    for (b, (got, was)) in scan.crcs.iter().zip(&clean.crcs).enumerate() {
+        assert_eq!(got != was, b == hit, "block {b}");
+    }
+    control.clear_corruption();
+    assert_eq!(s.scan_chunk(a).await.unwrap(), clean);
+}
+
+/// Over a store that keeps checksums, the bad blocks it finds come through.
+#[tokio::test]
+async fn scan_chunk_reports_what_the_inner_store_finds() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let inner = FileBlockStore::open(dir.path(), CHUNK, CAPACITY).unwrap();
+    let s = FaultyBlockStore::new(Arc::new(inner));
+    let a = c(3, 1);
+    s.write(a, 0, bytes(0x20, 4 * SECTOR as usize))
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("3").join("1"))
+        .unwrap();
+    file.write_all_at(&[0x21], 2 * SECTOR + 9).unwrap();
+    let scan = s.scan_chunk(a).await.unwrap();
+    assert_eq!(scan.bad, vec![2]);
+    assert!(matches!(
+        s.read(a, 2 * SECTOR, 10).await,
+        Err(Error::Corrupt(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------

@@ -18,6 +18,15 @@
 //!   Nothing is promised for operations not yet flushed.
 //! - Persistent stores reopened on the same directory see exactly what was
 //!   flushed (and perhaps more).
+//! - A store may keep a checksum (crc32c) per 4 KiB block; the file and mmap
+//!   stores do. Such a store checks every block a read touches and fails the
+//!   read with `Corrupt`, naming the chunk and the block, when one does not
+//!   match (the caller reads another replica). A write covering part of such
+//!   a block fails with `Corrupt` too and changes nothing, since the merged
+//!   block cannot be trusted (the caller rebuilds the chunk from another
+//!   replica); a write covering the block whole, or a `zero` freeing it,
+//!   repairs it. A crash never makes blocks read as `Corrupt`: what was not
+//!   flushed may be lost, but everything still reads.
 //! - All methods may be called concurrently; writes to different chunks, or to
 //!   disjoint ranges of one chunk, do not interfere.
 
@@ -70,10 +79,14 @@ pub trait BlockStore: Send + Sync + 'static {
     async fn delete_chunk(&self, chunk: ChunkRef) -> Result<()>;
     /// Every chunk that holds data, in order.
     async fn list_chunks(&self) -> Result<Vec<ChunkRef>>;
-    /// Checksum every 4 KiB block of `chunk` as it reads now and report the
-    /// blocks that fail the checksums the store keeps (scrub, and comparing
-    /// replicas without moving their data). The default reads the chunk and
-    /// knows no stored checksums.
+    /// Checksum every 4 KiB block of `chunk` as it is stored now and report
+    /// the blocks that fail the checksums the store keeps (scrub, and
+    /// comparing replicas without moving their data). Bad blocks are not an
+    /// error: they are listed in [`ChunkScan::bad`], and their entry in
+    /// `crcs` is the checksum of the data as stored. An absent chunk scans as
+    /// zero blocks, none bad. The default reads the chunk and knows no stored
+    /// checksums (a store that keeps some and fails reads with `Corrupt` must
+    /// implement it).
     async fn scan_chunk(&self, chunk: ChunkRef) -> Result<ChunkScan> {
         let data = self.read(chunk, 0, self.chunk_size()).await?;
         Ok(ChunkScan::of(&data))

@@ -1,7 +1,8 @@
-//! A directory of chunk files: the layout, accounting, descriptor cache and
-//! flush protocol shared by [`FileBlockStore`](super::FileBlockStore) and
-//! [`MmapBlockStore`](super::MmapBlockStore). They differ only in how bytes
-//! move in and out of an open chunk file, which is the [`ChunkIo`] trait.
+//! A directory of chunk files: the layout, accounting, checksums, descriptor
+//! cache and flush protocol shared by [`FileBlockStore`](super::FileBlockStore)
+//! and [`MmapBlockStore`](super::MmapBlockStore). They differ only in how
+//! bytes move in and out of an open chunk file, which is the [`ChunkIo`]
+//! trait.
 //!
 //! # On-disk layout
 //!
@@ -9,7 +10,21 @@
 //! 7). Each chunk file is sparse: at most `chunk_size` bytes long, with holes
 //! wherever nothing was written or space was freed. Names that are not
 //! canonical decimal numbers are ignored, so other files may live beside the
-//! chunks. Volume directories are kept when their last chunk goes.
+//! chunks. The store keeps two kinds of its own there:
+//!
+//! - `<dir>/<volume>/crc32c`, the volume's checksum file: 4 bytes per 4 KiB
+//!   block of each chunk (0.1% of the data), chunk `index` at byte
+//!   `index * chunk_size / 1024`, sparse like the chunks. Each entry is the
+//!   block's crc32c XOR the crc32c of a zero block, little-endian, so zero
+//!   bytes (a hole, a range never written) stand for a zero block, which is
+//!   what a hole in a chunk file reads as.
+//! - `<dir>/dirty.0.log` and `<dir>/dirty.1.log`, the dirty log (see "Crash
+//!   consistency"): 16 bytes per chunk listed (volume, index, little-endian),
+//!   empty after a flush.
+//!
+//! Volume directories are kept when their last chunk goes, and so are their
+//! checksum files, except that `delete_volume` removes the checksum file.
+//! Neither kind of file counts against the pool's capacity.
 //!
 //! # Accounting
 //!
@@ -35,36 +50,121 @@
 //! and tmpfs with 4 KiB pages do); with larger blocks, the bitmap rebuilt on
 //! open can count more than was counted before.
 //!
+//! # Checksums
+//!
+//! Every 4 KiB block of every chunk has a crc32c, so that rot on the disk is
+//! reported (and the engine can serve the block from another replica and
+//! rewrite this one) instead of being returned as data.
+//!
+//! - A chunk's checksums are loaded into memory when its file is opened (one
+//!   `pread` of at most 4 KiB) and dropped when it is closed, so reads check
+//!   them with no system call of their own.
+//! - A read checks every block its range touches (the edges of an unaligned
+//!   range are read whole for that), on every path: blocking pool, page
+//!   cache fast path, calling task. A block that fails makes the read fail
+//!   with `Error::Corrupt("chunk V/I block B: checksum mismatch ...")`.
+//!   Holes (no data bit, zero-block checksum) are zeros by construction and
+//!   are not checksummed.
+//! - A write checksums the whole blocks it covers from the data it was
+//!   given. A block it covers only partly is read and checked first: if it
+//!   fails, the write fails with `Corrupt` and changes nothing (checksumming
+//!   the merged block would bless the rot); otherwise the merged block is
+//!   checksummed. A write covering a rotten block whole repairs it. `zero`
+//!   does the same for the partial blocks at its edges, and the whole blocks
+//!   it frees get the zero-block checksum.
+//! - Checksums reach the checksum file only at `flush` (one `pwrite` per
+//!   chunk flushed), so a write costs no system call for them.
+//! - Data and checksums of a chunk change together under the chunk's update
+//!   lock (`Sums::lock`), held by writes and zeros across their data I/O.
+//!   Reads do not take it; a read whose data fails a checksum takes it and
+//!   reads the block again before calling it corrupt, since it may have
+//!   raced a write (or read through a handle since closed and reopened).
+//! - A write failing with an I/O error may have written part of its range:
+//!   its blocks keep their old checksums, so they fail them (their content
+//!   is unknown) until rewritten.
+//! - `scan_chunk` reads the whole chunk and reports the checksum of every
+//!   block as it is stored and the blocks that fail theirs.
+//!
+//! # Crash consistency
+//!
+//! The kernel writes data and checksums back independently, so after a power
+//! cut the blocks changed since the last flush may disagree with their
+//! checksums. That must not be mistaken for rot: anything unflushed may be
+//! lost, but the volume stays readable. The dirty log lists the chunks that
+//! may disagree:
+//!
+//! 1. Before a write or zero changes a chunk for the first time since the
+//!    last flush, the chunk is appended to the log and the log is synced
+//!    (appenders at the same moment share one `fdatasync`). Further changes
+//!    of that chunk until the next flush cost nothing more. A write on the
+//!    calling task that would need this sync goes to the blocking pool.
+//! 2. `flush` makes data, checksums and directories durable, then empties
+//!    the log (see "Flush").
+//! 3. Opening the store recomputes, from the data as it is, the checksums of
+//!    every chunk the log lists, syncs them, and empties the log.
+//!
+//! Flushes and changes overlap, so the log is cut into epochs, one per
+//! flush, alternating between its two files (`sums::DirtyLog` explains why
+//! two): a flush empties only the closing epoch's file, after waiting for
+//! that epoch's changes still running.
+//!
+//! The limitation: rot inside a chunk that was being changed when the power
+//! went is not detected, since its checksums are recomputed from whatever
+//! the data is. The costs: one small synced append per chunk changed per
+//! flush interval, and on opening after a crash, a read of each chunk
+//! listed. A store directory without log files predates checksums: all its
+//! chunks are recomputed on first open. If syncing the log ever fails, no
+//! later change can be logged reliably, so every write and zero fails until
+//! the store is reopened.
+//!
+//! `delete_chunk` is not logged: it leaves the checksum file alone, so a
+//! chunk whose unlink a crash undoes comes back with checksums that match it.
+//! A chunk file created later at the same index starts by resetting its
+//! checksums to those of zero blocks; `delete_volume` syncs the unlinks of
+//! the chunks before it removes the checksum file.
+//!
 //! # Concurrency
 //!
 //! The chunk table is behind a read-write lock taken only to find a chunk.
 //! Each chunk has its own small lock, held to reserve space, open its file or
-//! update its bitmap, never during data I/O. So I/O on different chunks, and
-//! on disjoint ranges of one chunk, runs in parallel.
+//! update its bitmap, never during data I/O. Writes and zeros of one chunk
+//! also hold its checksum update lock across their I/O, so they take turns
+//! (the kernel already serialises buffered writes to one file, and the mmap
+//! store copies under a lock of its own); reads run in parallel with them.
+//! Writes and reads of different chunks never wait for each other.
 //!
 //! # Descriptor cache
 //!
-//! Open chunk files are kept open, up to a limit (by default half the
-//! process's descriptor limit). Beyond it, the least recently used clean file
-//! (second-chance clock) is closed. A file with writes not yet flushed, or I/O
-//! in flight, stays open until it is clean: `fdatasync` then runs on the
-//! descriptor the writes went through, which is the one guaranteed to see any
-//! writeback error.
+//! Open chunk files are kept open, up to a limit (by default a third of the
+//! process's descriptor limit: each volume with open chunks also holds its
+//! checksum file open). Beyond it, the least recently used clean file
+//! (second-chance clock) is closed, with the chunk's checksums in memory. A
+//! file with writes not yet flushed, or I/O in flight, stays open until it
+//! is clean: `fdatasync` then runs on the descriptor the writes went through,
+//! which is the one guaranteed to see any writeback error, and the
+//! checksums in memory are the only up-to-date copy until the flush wrote
+//! them.
 //!
 //! # Flush
 //!
 //! A write, zero or creation marks its chunk dirty after its I/O completed
-//! and before it returns; creating or unlinking a chunk file marks its
-//! directory (and a new volume directory marks the root) dirty. `flush`
-//! starts writeback on every dirty file, waits with `fdatasync` (`fsync` when
-//! holes were punched), then `fsync`s every dirty directory. Flushes run one
-//! at a time, so a flush that finds a chunk already taken by a flush in
-//! progress waits for that flush to finish. A failed `fdatasync` may have
-//! dropped data the kernel could not write back, so from then on every flush
-//! of the store fails: the data can only be trusted again after reopening
-//! and rebuilding from a replica.
+//! and before it returns; creating or unlinking a chunk file or a checksum
+//! file marks its directory (and a new volume directory marks the root)
+//! dirty. `flush` starts a new dirty log epoch and waits for the changes of
+//! the closing one still running; then, for every dirty chunk, writes its
+//! checksums to the volume's checksum file (under the chunk's lock, so the
+//! handle holding them cannot be closed first) and starts writeback; waits
+//! with `fdatasync` (`fsync` when holes were punched) on each chunk file and
+//! then on each checksum file written; `fsync`s every dirty directory; and
+//! only then empties the closing epoch's log file. Flushes run one at a
+//! time, so a flush that finds a chunk already taken by a flush in progress
+//! waits for that flush to finish. A failed `fdatasync` may have dropped
+//! data the kernel could not write back, so from then on every flush of the
+//! store fails (and the log is never emptied): the data can only be trusted
+//! again after reopening and rebuilding from a replica.
 
 use super::alloc::{Bitmap, Space};
+use super::sums::{self, block_crc, sums_offset, DirtyLog, Entered, Sums, SumsFile, ZERO_CRC};
 use super::{
     blocks_inside, blocks_touched, check_geometry, check_range, lock, partial_edges, read_lock,
     sys, write_lock,
@@ -76,8 +176,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
-use torus_traits::{ChunkRef, Error, Result, VolumeId, SECTOR};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use torus_traits::{ChunkRef, ChunkScan, Error, Result, VolumeId, SECTOR};
 
 /// How bytes move between memory and one open chunk file.
 pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
@@ -101,6 +201,13 @@ pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
     /// part of the data). By default nothing can be read that way.
     fn read_cached(&self, _offset: u64, _buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
         Ok(false)
+    }
+    /// Reads a block that a write on the calling task is about to cover
+    /// partly (to check and re-checksum it), like `read_cached`. A store
+    /// whose write would wait for that block anyway (a store into a mapped
+    /// page faults it in) may simply read it.
+    fn read_block_inline(&self, offset: u64, buf: &mut [u8], alloc: &Bitmap) -> io::Result<bool> {
+        self.read_cached(offset, buf, alloc)
     }
     /// Called before a write that allocates blocks, with its byte range. An
     /// error means nothing was written (the write fails and its reservation
@@ -126,19 +233,22 @@ struct Chunk<H> {
     allocated: AtomicU64,
     /// Clock bit of the descriptor cache: used since last looked at.
     referenced: AtomicBool,
+    /// The last dirty log epoch the chunk was logged in (0: none).
+    logged: AtomicU64,
     state: Mutex<ChunkState<H>>,
 }
 
 struct ChunkState<H> {
-    /// The open file, if cached.
-    handle: Option<Arc<H>>,
+    /// The open file and checksums, if cached.
+    handle: Option<Arc<Open<H>>>,
     /// The file exists on disk.
     created: bool,
     /// Deleted: this entry is dead; the next user makes a fresh one.
     deleted: bool,
     /// In the descriptor cache's clock list.
     in_cache: bool,
-    /// Writes and zeros between reservation and completion.
+    /// Writes, zeros and checksum re-checks between taking the handle and
+    /// completion: the handle must stay open meanwhile.
     inflight: u32,
     /// Written since the last flush took it (and in the dirty list).
     dirty: bool,
@@ -154,6 +264,7 @@ impl<H> Chunk<H> {
             alloc: Bitmap::new(blocks),
             allocated: AtomicU64::new(0),
             referenced: AtomicBool::new(false),
+            logged: AtomicU64::new(0),
             state: Mutex::new(ChunkState {
                 handle: None,
                 created,
@@ -174,11 +285,70 @@ impl<H> Chunk<H> {
     }
 }
 
+/// An open chunk: its file, and its checksums in memory.
+pub(crate) struct Open<H> {
+    io: H,
+    sums: Sums,
+    /// The volume's checksum file, and where this chunk's checksums are in it.
+    sums_file: Arc<SumsFile>,
+    sums_at: u64,
+}
+
 /// A handle obtained under a chunk's lock; `fresh` when it was just opened and
 /// must be entered in the descriptor cache once the lock is released.
 struct Opened<H> {
-    handle: Arc<H>,
+    handle: Arc<Open<H>>,
     fresh: bool,
+}
+
+/// A block that failed its checksum: block, stored and computed checksums.
+type Mismatch = (u64, u32, u32);
+
+fn corrupt(id: ChunkRef, bad: &[Mismatch]) -> Error {
+    let Some(&(block, stored, found)) = bad.first() else {
+        return Error::Corrupt(format!("chunk {id}: checksum mismatch"));
+    };
+    let more = match bad.len() {
+        1 => String::new(),
+        n => format!(" (and {} more blocks)", n - 1),
+    };
+    Error::Corrupt(format!(
+        "chunk {id} block {block}: checksum mismatch (stored {stored:#010x}, \
+         data {found:#010x}){more}"
+    ))
+}
+
+/// The checksum of a block as read, or `None` when it is a hole (no data
+/// bit and a zero-block checksum: zeros by construction, not worth
+/// checksumming).
+fn checksum(block: &[u8], b: u64, alloc: &Bitmap, stored: u32) -> Option<u32> {
+    if stored == ZERO_CRC && !alloc.get(b) {
+        None
+    } else {
+        Some(block_crc(block))
+    }
+}
+
+/// The blocks of `buf` (the chunk's bytes from the block-aligned `start`)
+/// that fail their checksums.
+fn mismatches<H>(chunk: &Chunk<H>, sums: &Sums, start: u64, buf: &[u8]) -> Vec<u64> {
+    let first = start / SECTOR;
+    buf.chunks(SECTOR as usize)
+        .zip(first..)
+        .filter(|&(block, b)| {
+            let stored = sums.get(b);
+            checksum(block, b, &chunk.alloc, stored).is_some_and(|found| found != stored)
+        })
+        .map(|(_, b)| b)
+        .collect()
+}
+
+/// The block-aligned range holding `[offset, offset+len)`.
+fn aligned(offset: u64, len: u64) -> (u64, u64) {
+    (
+        offset / SECTOR * SECTOR,
+        (offset + len).div_ceil(SECTOR) * SECTOR,
+    )
 }
 
 /// Zeros for overwriting partial blocks.
@@ -215,11 +385,17 @@ pub(crate) struct ChunkDir<H> {
     flush_lock: Mutex<()>,
     /// Set once an `fdatasync` failed; every later flush reports it.
     sync_failed: OnceLock<String>,
+    /// Chunks that may have changes not yet flushed (see the module docs).
+    log: DirtyLog,
+    /// Checksum files open, by volume; each lives while an open chunk of
+    /// its volume holds it. The count is when to next drop dead entries.
+    sums_files: Mutex<(HashMap<VolumeId, Weak<SumsFile>>, usize)>,
 }
 
 impl<H: ChunkIo> ChunkDir<H> {
-    /// Opens (creating if needed) a store in `root` and rebuilds its
-    /// accounting from the chunk files found there.
+    /// Opens (creating if needed) a store in `root`, rebuilds its
+    /// accounting from the chunk files found there, and recomputes the
+    /// checksums of the chunks the dirty log lists.
     pub(crate) fn open(root: &Path, chunk_size: u64, capacity: u64) -> Result<Self> {
         check_geometry(chunk_size)?;
         let blocks_per_chunk = chunk_size / SECTOR;
@@ -266,8 +442,40 @@ impl<H: ChunkIo> ChunkDir<H> {
                 chunks.insert(id, Arc::new(chunk));
             }
         }
+
+        let (log, logged) = DirtyLog::open(root)?;
+        let mut recompute: Vec<(ChunkRef, PathBuf)> = match &logged {
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| {
+                    chunks
+                        .get(id)
+                        .map(|c: &Arc<Chunk<H>>| (*id, c.path.clone()))
+                })
+                .collect(),
+            None => chunks.values().map(|c| (c.id, c.path.clone())).collect(),
+        };
+        recompute.sort_unstable_by_key(|(id, _)| *id);
+        if !recompute.is_empty() {
+            if logged.is_some() {
+                tracing::info!(
+                    dir = %root.display(),
+                    chunks = recompute.len(),
+                    "recomputing the checksums of chunks changed before an unclean shutdown"
+                );
+            } else {
+                tracing::warn!(
+                    dir = %root.display(),
+                    chunks = recompute.len(),
+                    "no dirty log: computing checksums of every chunk (store written without them)"
+                );
+            }
+            sums::recompute(root, chunk_size, &recompute)?;
+        }
+        log.clear()?;
+
         let open_limit =
-            sys::open_files_soft_limit().map_or(512, |soft| (soft / 2).clamp(16, 16384) as usize);
+            sys::open_files_soft_limit().map_or(512, |soft| (soft / 3).clamp(16, 16384) as usize);
         Ok(ChunkDir {
             root: root.to_path_buf(),
             chunk_size,
@@ -281,6 +489,8 @@ impl<H: ChunkIo> ChunkDir<H> {
             dirty_dirs: Mutex::new(HashSet::new()),
             flush_lock: Mutex::new(()),
             sync_failed: OnceLock::new(),
+            log,
+            sums_files: Mutex::new((HashMap::new(), 64)),
         })
     }
 
@@ -336,31 +546,43 @@ impl<H: ChunkIo> ChunkDir<H> {
                 self.handle(&chunk, &mut st, false)?
             }
         };
-        match opened {
-            Some(opened) => {
-                self.cache_fresh(&chunk, &opened);
-                opened
-                    .handle
-                    .read_vec(offset, len as usize, &chunk.alloc)
-                    .map(Bytes::from)
-                    .map_err(|e| chunk.io_error("reading", e))
+        let Some(opened) = opened else {
+            return zeros();
+        };
+        self.cache_fresh(&chunk, &opened);
+        let h = &opened.handle;
+        // Whole blocks, to check their checksums.
+        let (start, end) = aligned(offset, len);
+        let mut buf =
+            h.io.read_vec(start, (end - start) as usize, &chunk.alloc)
+                .map_err(|e| chunk.io_error("reading", e))?;
+        let suspects = mismatches(&chunk, &h.sums, start, &buf);
+        if !suspects.is_empty() {
+            let bad = self.recheck(&chunk, h, start, &mut buf, &suspects)?;
+            if !bad.is_empty() {
+                return Err(corrupt(id, &bad));
             }
-            None => zeros(),
         }
+        let at = (offset - start) as usize;
+        Ok(Bytes::from(buf).slice(at..at + len as usize))
     }
 
     /// `read`, if it can be done without waiting for the disk: from the
-    /// page cache through an already open descriptor. `None`: use `read`.
+    /// page cache through an already open descriptor. `None`: use `read`
+    /// (also when a checksum fails: `read` looks again, under a lock).
     pub(crate) fn read_cached(&self, id: ChunkRef, offset: u64, len: u64) -> Result<Option<Bytes>> {
         check_range(id, offset, len, self.chunk_size)?;
-        let mut buf = vec![0u8; len as usize];
+        let zeros = || Ok(Some(Bytes::from(vec![0u8; len as usize])));
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
         let Some(chunk) = self.lookup(id) else {
-            return Ok(Some(Bytes::from(buf))); // never written: zeros
+            return zeros(); // never written
         };
         let handle = {
             let st = lock(&chunk.state);
             if st.deleted {
-                return Ok(Some(Bytes::from(buf)));
+                return zeros();
             }
             // Opening a file may wait for the disk; leave that to `read`.
             match &st.handle {
@@ -369,22 +591,160 @@ impl<H: ChunkIo> ChunkDir<H> {
             }
         };
         chunk.referenced.store(true, Ordering::Relaxed);
-        match handle.read_cached(offset, &mut buf, &chunk.alloc) {
-            Ok(true) => Ok(Some(Bytes::from(buf))),
-            Ok(false) => Ok(None),
+        let (start, end) = aligned(offset, len);
+        let mut buf = vec![0u8; (end - start) as usize];
+        match handle.io.read_cached(start, &mut buf, &chunk.alloc) {
+            Ok(true) if mismatches(&chunk, &handle.sums, start, &buf).is_empty() => {
+                let at = (offset - start) as usize;
+                Ok(Some(Bytes::from(buf).slice(at..at + len as usize)))
+            }
+            Ok(_) => Ok(None),
             Err(e) => Err(chunk.io_error("reading", e)),
         }
     }
 
+    /// Looks again at blocks that failed their checksums when read without a
+    /// lock (`suspects`, blocks of `buf`, which holds the chunk's bytes from
+    /// the block-aligned `start`): a write may have been changing them, or
+    /// `own`, the handle they were read through, may since have been closed
+    /// and the chunk reopened and written through another. Under the update
+    /// lock of the chunk's current handle, data and checksums agree. Puts
+    /// what it read into `buf`; returns the blocks that still fail.
+    fn recheck(
+        &self,
+        chunk: &Arc<Chunk<H>>,
+        own: &Arc<Open<H>>,
+        start: u64,
+        buf: &mut [u8],
+        suspects: &[u64],
+    ) -> Result<Vec<Mismatch>> {
+        let current = {
+            let mut st = lock(&chunk.state);
+            if st.deleted {
+                None
+            } else {
+                let opened = self.handle(chunk, &mut st, false)?;
+                if opened.is_some() {
+                    // Keeps the handle (and its checksums) from being closed.
+                    st.inflight += 1;
+                }
+                opened
+            }
+        };
+        if let Some(opened) = &current {
+            self.cache_fresh(chunk, opened);
+        }
+        // A deleted chunk has no current handle; no write changes its
+        // checksums any more but through the handles it had.
+        let h = current.as_ref().map_or(own, |o| &o.handle);
+        let result = (|| -> Result<Vec<Mismatch>> {
+            let _update = h.sums.lock();
+            let mut bad = Vec::new();
+            for &b in suspects {
+                let at = (b * SECTOR - start) as usize;
+                let block = &mut buf[at..at + SECTOR as usize];
+                block.fill(0);
+                h.io.read(b * SECTOR, block, &chunk.alloc)
+                    .map_err(|e| chunk.io_error("reading", e))?;
+                let stored = h.sums.get(b);
+                if let Some(found) = checksum(block, b, &chunk.alloc, stored) {
+                    if found != stored {
+                        bad.push((b, stored, found));
+                    }
+                }
+            }
+            Ok(bad)
+        })();
+        if current.is_some() {
+            lock(&chunk.state).inflight -= 1;
+        }
+        result
+    }
+
+    /// Checksums every block of a chunk as stored and lists those that fail.
+    pub(crate) fn scan_chunk(&self, id: ChunkRef) -> Result<ChunkScan> {
+        let blocks = self.blocks_per_chunk as usize;
+        let zeros = || {
+            Ok(ChunkScan {
+                crcs: vec![ZERO_CRC; blocks],
+                bad: Vec::new(),
+            })
+        };
+        let Some(chunk) = self.lookup(id) else {
+            return zeros();
+        };
+        let opened = {
+            let mut st = lock(&chunk.state);
+            if st.deleted {
+                None
+            } else {
+                self.handle(&chunk, &mut st, false)?
+            }
+        };
+        let Some(opened) = opened else {
+            return zeros();
+        };
+        self.cache_fresh(&chunk, &opened);
+        let h = &opened.handle;
+        let mut data =
+            h.io.read_vec(0, self.chunk_size as usize, &chunk.alloc)
+                .map_err(|e| chunk.io_error("reading", e))?;
+        let mut crcs = Vec::with_capacity(blocks);
+        let mut suspects = Vec::new();
+        for (block, b) in data.chunks(SECTOR as usize).zip(0u64..) {
+            let stored = h.sums.get(b);
+            let crc = checksum(block, b, &chunk.alloc, stored).unwrap_or(ZERO_CRC);
+            if crc != stored {
+                suspects.push(b);
+            }
+            crcs.push(crc);
+        }
+        let mut bad = Vec::new();
+        if !suspects.is_empty() {
+            let failing = self.recheck(&chunk, h, 0, &mut data, &suspects)?;
+            for &b in &suspects {
+                let at = (b * SECTOR) as usize;
+                crcs[b as usize] = block_crc(&data[at..at + SECTOR as usize]);
+            }
+            bad = failing.iter().map(|&(b, _, _)| b as u32).collect();
+        }
+        Ok(ChunkScan { crcs, bad })
+    }
+
+    /// `write`, on the calling task: `Ok(false)` when that would mean
+    /// waiting for the disk (to log the chunk as dirty, or to read a block
+    /// the write covers partly that is not cached), having changed nothing;
+    /// then call `write`.
+    pub(crate) fn write_inline(&self, id: ChunkRef, offset: u64, data: &[u8]) -> Result<bool> {
+        self.write_impl(id, offset, data, true)
+    }
+
     pub(crate) fn write(&self, id: ChunkRef, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_impl(id, offset, data, false).map(drop)
+    }
+
+    fn write_impl(&self, id: ChunkRef, offset: u64, data: &[u8], inline: bool) -> Result<bool> {
         let len = data.len() as u64;
         check_range(id, offset, len, self.chunk_size)?;
         if len == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let blocks = blocks_touched(offset, len);
+        // Checksums of the whole blocks, before taking any lock.
+        let inside = blocks_inside(offset, len);
+        let whole: Vec<u32> = inside
+            .clone()
+            .map(|b| {
+                let at = (b * SECTOR - offset) as usize;
+                block_crc(&data[at..at + SECTOR as usize])
+            })
+            .collect();
+        let entered = self.log.enter();
         let (chunk, opened, reserved) = loop {
             let chunk = self.lookup_or_insert(id);
+            if !self.ensure_logged(&entered, &chunk, inline)? {
+                return Ok(false);
+            }
             let mut st = lock(&chunk.state);
             if st.deleted {
                 drop(st);
@@ -412,17 +772,46 @@ impl<H: ChunkIo> ChunkDir<H> {
         self.cache_fresh(&chunk, &opened);
         let h = &opened.handle;
         if reserved > 0 {
-            if let Err(e) = h.preallocate(offset, len) {
+            if let Err(e) = h.io.preallocate(offset, len) {
                 // Nothing written: give the reservation back.
-                let mut st = lock(&chunk.state);
-                st.inflight -= 1;
-                self.space.release(reserved);
+                self.undo(&chunk, reserved);
                 return Err(chunk.io_error("allocating space in", e));
             }
         }
-        let result = h
-            .write(offset, data)
-            .map_err(|e| chunk.io_error("writing", e));
+        let update = h.sums.lock();
+        // The blocks covered only partly: check what they hold and checksum
+        // them merged with the new bytes, before writing anything.
+        let mut edges: [Option<(u64, u32)>; 2] = [None, None];
+        for (edge, (off, n)) in edges.iter_mut().zip(partial_edges(offset, len)) {
+            if n == 0 {
+                continue;
+            }
+            let b = off / SECTOR;
+            let mut block = [0u8; SECTOR as usize];
+            match self.old_block(&chunk, h, b, &mut block, inline) {
+                Ok(true) => {}
+                other => {
+                    drop(update);
+                    self.undo(&chunk, reserved);
+                    return other;
+                }
+            }
+            let at = (off % SECTOR) as usize;
+            let from = (off - offset) as usize;
+            block[at..at + n as usize].copy_from_slice(&data[from..from + n as usize]);
+            *edge = Some((b, block_crc(&block)));
+        }
+        let result =
+            h.io.write(offset, data)
+                .map_err(|e| chunk.io_error("writing", e));
+        if result.is_ok() {
+            for (b, crc) in inside.zip(whole) {
+                h.sums.set(b, crc);
+            }
+            for (b, crc) in edges.into_iter().flatten() {
+                h.sums.set(b, crc);
+            }
+        }
         let mut st = lock(&chunk.state);
         st.inflight -= 1;
         if st.deleted {
@@ -431,7 +820,9 @@ impl<H: ChunkIo> ChunkDir<H> {
             self.space.release(reserved);
         } else {
             // Count the blocks even when the write failed: part of it may
-            // have reached the file, and a later zero must clear it.
+            // have reached the file, and a later zero must clear it. (Under
+            // the update lock: a read re-checking a block under it must see
+            // the data bit of a block just written.)
             let newly = chunk.alloc.set(blocks);
             chunk.allocated.fetch_add(newly, Ordering::Relaxed);
             if newly <= reserved {
@@ -441,7 +832,62 @@ impl<H: ChunkIo> ChunkDir<H> {
             }
             self.mark_dirty(&chunk, &mut st, false);
         }
-        result
+        drop(st);
+        drop(update);
+        result.map(|()| true)
+    }
+
+    /// Reads block `b` into `buf` (zeroed) and checks it against its
+    /// checksum, under the chunk's update lock; `Ok(false)` when `inline`
+    /// and the block is not cached.
+    fn old_block(
+        &self,
+        chunk: &Chunk<H>,
+        h: &Open<H>,
+        b: u64,
+        buf: &mut [u8; SECTOR as usize],
+        inline: bool,
+    ) -> Result<bool> {
+        let stored = h.sums.get(b);
+        let found = if chunk.alloc.get(b) {
+            let at = b * SECTOR;
+            let read = if inline {
+                h.io.read_block_inline(at, buf, &chunk.alloc)
+            } else {
+                h.io.read(at, buf, &chunk.alloc).map(|()| true)
+            };
+            if !read.map_err(|e| chunk.io_error("reading", e))? {
+                return Ok(false);
+            }
+            block_crc(buf)
+        } else {
+            ZERO_CRC // a hole: `buf` stays zeros
+        };
+        if found != stored {
+            return Err(corrupt(chunk.id, &[(b, stored, found)]));
+        }
+        Ok(true)
+    }
+
+    /// Ends a write or zero that changed nothing.
+    fn undo(&self, chunk: &Chunk<H>, reserved: u64) {
+        let mut st = lock(&chunk.state);
+        st.inflight -= 1;
+        self.space.release(reserved);
+    }
+
+    /// Makes sure the chunk is in the dirty log of `entered`'s epoch;
+    /// `Ok(false)` when that needs a sync and `inline` forbids it.
+    fn ensure_logged(&self, entered: &Entered<'_>, chunk: &Chunk<H>, inline: bool) -> Result<bool> {
+        if chunk.logged.load(Ordering::Acquire) == entered.epoch() {
+            return Ok(true);
+        }
+        if inline {
+            return Ok(false);
+        }
+        self.log.append(entered, chunk.id)?;
+        chunk.logged.fetch_max(entered.epoch(), Ordering::AcqRel);
+        Ok(true)
     }
 
     pub(crate) fn zero(&self, id: ChunkRef, offset: u64, len: u64) -> Result<()> {
@@ -452,6 +898,8 @@ impl<H: ChunkIo> ChunkDir<H> {
         let Some(chunk) = self.lookup(id) else {
             return Ok(()); // never written: already zeros
         };
+        let entered = self.log.enter();
+        self.ensure_logged(&entered, &chunk, false)?;
         let opened = {
             let mut st = lock(&chunk.state);
             if st.deleted {
@@ -465,6 +913,27 @@ impl<H: ChunkIo> ChunkDir<H> {
         };
         self.cache_fresh(&chunk, &opened);
         let h = &opened.handle;
+        let update = h.sums.lock();
+
+        // Partial blocks at the edges: only those holding data need zeros.
+        // Check them first, so that a rotten one fails the zero before
+        // anything changed instead of being checksummed anew.
+        let mut edges: [Option<(u64, u64, u32)>; 2] = [None, None];
+        for (edge, (off, n)) in edges.iter_mut().zip(partial_edges(offset, len)) {
+            let b = off / SECTOR;
+            if n == 0 || !chunk.alloc.get(b) {
+                continue;
+            }
+            let mut block = [0u8; SECTOR as usize];
+            if let Err(e) = self.old_block(&chunk, h, b, &mut block, false) {
+                drop(update);
+                self.undo(&chunk, 0);
+                return Err(e);
+            }
+            let at = (off % SECTOR) as usize;
+            block[at..at + n as usize].fill(0);
+            *edge = Some((off, n, block_crc(&block)));
+        }
 
         // Whole blocks: punch a hole, or, where the file system cannot,
         // overwrite the ones holding data with zeros (they stay allocated).
@@ -473,30 +942,34 @@ impl<H: ChunkIo> ChunkDir<H> {
         let mut result = Ok(());
         if !inside.is_empty() {
             let (start, n) = (inside.start * SECTOR, (inside.end - inside.start) * SECTOR);
-            match h.punch_hole(start, n) {
-                Ok(()) => punched = true,
+            match h.io.punch_hole(start, n) {
+                Ok(()) => {
+                    punched = true;
+                    for b in inside.clone() {
+                        h.sums.set(b, ZERO_CRC);
+                    }
+                }
                 Err(e) if sys::is_unsupported(&e) => {
                     for block in inside.clone() {
                         if chunk.alloc.get(block) {
-                            if let Err(e) = h.write_zeros(block * SECTOR, SECTOR) {
+                            if let Err(e) = h.io.write_zeros(block * SECTOR, SECTOR) {
                                 result = Err(chunk.io_error("zeroing", e));
                                 break;
                             }
+                            h.sums.set(block, ZERO_CRC);
                         }
                     }
                 }
                 Err(e) => result = Err(chunk.io_error("punching a hole in", e)),
             }
         }
-        // Partial blocks at the edges: only those holding data need zeros.
         if result.is_ok() {
-            for (off, n) in partial_edges(offset, len) {
-                if n > 0 && chunk.alloc.get(off / SECTOR) {
-                    if let Err(e) = h.write_zeros(off, n) {
-                        result = Err(chunk.io_error("zeroing", e));
-                        break;
-                    }
+            for (off, n, crc) in edges.into_iter().flatten() {
+                if let Err(e) = h.io.write_zeros(off, n) {
+                    result = Err(chunk.io_error("zeroing", e));
+                    break;
                 }
+                h.sums.set(off / SECTOR, crc);
             }
         }
 
@@ -511,6 +984,8 @@ impl<H: ChunkIo> ChunkDir<H> {
             // Even a failed zero may have changed the file: flush it.
             self.mark_dirty(&chunk, &mut st, punched);
         }
+        drop(st);
+        drop(update);
         result
     }
 
@@ -542,7 +1017,8 @@ impl<H: ChunkIo> ChunkDir<H> {
     }
 
     /// Deletes every chunk of `volume`, including ones whose blocks were all
-    /// zeroed (which `list_chunks` leaves out but which still have a file).
+    /// zeroed (which `list_chunks` leaves out but which still have a file),
+    /// and then the volume's checksum file.
     pub(crate) fn delete_volume(&self, volume: VolumeId) -> Result<()> {
         let ids: Vec<ChunkRef> = read_lock(&self.chunks)
             .keys()
@@ -552,17 +1028,47 @@ impl<H: ChunkIo> ChunkDir<H> {
         for id in ids {
             self.delete_chunk(id)?;
         }
+        self.remove_sums_file(volume)
+    }
+
+    /// Removes a volume's checksum file if no chunk of the volume is left.
+    fn remove_sums_file(&self, volume: VolumeId) -> Result<()> {
+        // Held throughout, so no chunk of the volume opens the file meanwhile.
+        let mut files = lock(&self.sums_files);
+        if files.0.get(&volume).is_some_and(|f| f.strong_count() > 0)
+            || read_lock(&self.chunks).keys().any(|c| c.volume == volume)
+        {
+            return Ok(()); // in use (a chunk written meanwhile)
+        }
+        files.0.remove(&volume);
+        let dir = self.root.join(volume.0.to_string());
+        let path = dir.join(sums::SUMS_FILE);
+        if !path.is_file() {
+            return Ok(());
+        }
+        // The chunks' unlinks first: a crash must not bring back a chunk
+        // file without the checksums that match it.
+        sync_dir(&dir)?;
+        match fs::remove_file(&path) {
+            Ok(()) => self.mark_dir_dirty(Some(&dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("deleting {}", path.display()), e)),
+        }
         Ok(())
     }
 
     pub(crate) fn flush(&self) -> Result<()> {
         let _one_at_a_time = lock(&self.flush_lock);
+        // From here on, changes log into the next epoch; once this returns,
+        // every change of the closing one has marked its chunk dirty.
+        let closing = self.log.begin_flush();
         let chunks = std::mem::take(&mut *lock(&self.dirty));
         let dirs = std::mem::take(&mut *lock(&self.dirty_dirs));
 
         // Take each chunk's dirty mark before syncing it: a write completing
         // after this point marks it again for the next flush.
         let mut pending = Vec::with_capacity(chunks.len());
+        let mut sums_files: Vec<Arc<SumsFile>> = Vec::new();
         let mut result = Ok(());
         for chunk in chunks {
             let mut st = lock(&chunk.state);
@@ -584,19 +1090,43 @@ impl<H: ChunkIo> ChunkDir<H> {
                     continue;
                 }
             };
+            // Under the chunk's lock: once it is clean, its handle (with the
+            // only up-to-date copy of its checksums) may be closed.
+            let h = &opened.handle;
+            let stored = h.sums_file.store(h.sums_at, &h.sums);
             drop(st);
             self.cache_fresh(&chunk, &opened);
-            sys::start_writeback(opened.handle.file());
+            if let Err(e) = stored {
+                let e = chunk.io_error("writing the checksums of", e);
+                let _ = self.sync_failed.set(e.to_string());
+                result = result.and(Err(e));
+                continue;
+            }
+            sys::start_writeback(h.io.file());
+            if !sums_files.iter().any(|f| Arc::ptr_eq(f, &h.sums_file)) {
+                sums_files.push(h.sums_file.clone());
+            }
             pending.push((chunk, opened.handle, meta));
         }
+        for f in &sums_files {
+            sys::start_writeback(&f.file);
+        }
         for (chunk, handle, meta) in pending {
+            let file = handle.io.file();
             let synced = if meta {
-                handle.file().sync_all()
+                file.sync_all()
             } else {
-                handle.file().sync_data()
+                file.sync_data()
             };
             if let Err(e) = synced {
                 let e = chunk.io_error("syncing", e);
+                let _ = self.sync_failed.set(e.to_string());
+                result = result.and(Err(e));
+            }
+        }
+        for f in sums_files {
+            if let Err(e) = f.file.sync_data() {
+                let e = Error::io(format!("syncing {}", f.path.display()), e);
                 let _ = self.sync_failed.set(e.to_string());
                 result = result.and(Err(e));
             }
@@ -613,6 +1143,12 @@ impl<H: ChunkIo> ChunkDir<H> {
                 context: format!("an earlier flush failed ({failed}); data may be lost"),
                 source: Arc::new(io::Error::other("earlier fdatasync failure")),
             });
+        }
+        // Everything the closing epoch changed is durable. Failing to empty
+        // its log file loses nothing (its chunks are recomputed needlessly
+        // after a crash), so the flush still succeeds.
+        if let Err(e) = self.log.end_flush(closing) {
+            tracing::warn!(dir = %self.root.display(), "emptying the dirty log: {e}");
         }
         Ok(())
     }
@@ -658,8 +1194,9 @@ impl<H: ChunkIo> ChunkDir<H> {
         }
     }
 
-    /// The chunk's open handle, opening its file if needed. With `create`,
-    /// the file is created if it does not exist yet; without, `None` then.
+    /// The chunk's open handle, opening its file and loading its checksums
+    /// if needed. With `create`, the file is created if it does not exist
+    /// yet; without, `None` then.
     fn handle(
         &self,
         chunk: &Chunk<H>,
@@ -673,26 +1210,81 @@ impl<H: ChunkIo> ChunkDir<H> {
                 fresh: false,
             }));
         }
-        let file = if st.created {
-            OpenOptions::new()
+        if !st.created && !create {
+            return Ok(None);
+        }
+        let sums_at = sums_offset(chunk.id, self.blocks_per_chunk)?;
+        let sums_file = self.sums_file(chunk.id.volume)?;
+        let (file, sums) = if st.created {
+            let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&chunk.path)
-                .map_err(|e| chunk.io_error("opening", e))?
-        } else if create {
+                .map_err(|e| chunk.io_error("opening", e))?;
+            let sums = Sums::load(&sums_file.file, sums_at, self.blocks_per_chunk)
+                .map_err(|e| chunk.io_error("reading the checksums of", e))?;
+            (file, sums)
+        } else {
+            // A new chunk reads as zeros; a deleted chunk of the same index
+            // may have left other checksums in the file.
+            sums_file
+                .reset(sums_at, self.blocks_per_chunk)
+                .map_err(|e| chunk.io_error("resetting the checksums of", e))?;
             let file = self.create_file(chunk)?;
             st.created = true;
-            file
-        } else {
-            return Ok(None);
+            (file, Sums::zeroed(self.blocks_per_chunk))
         };
-        let handle =
-            Arc::new(H::open(file, self.chunk_size).map_err(|e| chunk.io_error("opening", e))?);
+        let io = H::open(file, self.chunk_size).map_err(|e| chunk.io_error("opening", e))?;
+        let handle = Arc::new(Open {
+            io,
+            sums,
+            sums_file,
+            sums_at,
+        });
         st.handle = Some(handle.clone());
         chunk.referenced.store(true, Ordering::Relaxed);
         let fresh = !st.in_cache;
         st.in_cache = true;
         Ok(Some(Opened { handle, fresh }))
+    }
+
+    /// The volume's checksum file, opened (and created, with the volume's
+    /// directory, if needed) unless an open chunk of the volume has it open.
+    fn sums_file(&self, volume: VolumeId) -> Result<Arc<SumsFile>> {
+        let mut files = lock(&self.sums_files);
+        if let Some(f) = files.0.get(&volume).and_then(Weak::upgrade) {
+            return Ok(f);
+        }
+        let vol_dir = self.root.join(volume.0.to_string());
+        let context = |e| {
+            Error::io(
+                format!("opening {}", vol_dir.join(sums::SUMS_FILE).display()),
+                e,
+            )
+        };
+        let (f, created) = match SumsFile::open(&vol_dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // First chunk of this volume: make its directory.
+                match fs::create_dir(&vol_dir) {
+                    Ok(()) => self.mark_dir_dirty(Some(&self.root)),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::io(format!("creating {}", vol_dir.display()), e)),
+                }
+                SumsFile::open(&vol_dir).map_err(context)?
+            }
+            other => other.map_err(context)?,
+        };
+        if created {
+            self.mark_dir_dirty(Some(&vol_dir));
+        }
+        let f = Arc::new(f);
+        let (table, prune_at) = &mut *files;
+        if table.len() >= *prune_at {
+            table.retain(|_, f| f.strong_count() > 0);
+            *prune_at = (table.len() * 2).max(64);
+        }
+        table.insert(volume, Arc::downgrade(&f));
+        Ok(f)
     }
 
     fn create_file(&self, chunk: &Chunk<H>) -> Result<File> {
@@ -845,7 +1437,7 @@ fn scan_allocation<H>(chunk: &Chunk<H>, chunk_size: u64) -> Result<u64> {
     Ok(chunk.alloc.count_set(0..chunk_size / SECTOR))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
@@ -858,8 +1450,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// microseconds, less than handing it to a blocking-pool thread and waking
 /// the task again (two context switches, which dominated small replicated
 /// writes in profiles). Reads try the page cache without blocking first
-/// (`RWF_NOWAIT`) and go to the pool only when the disk must be read.
-/// Larger I/O and flushes always go to the pool.
+/// (`RWF_NOWAIT`) and go to the pool only when the disk must be read, or
+/// when a checksum fails. A write goes to the pool when its chunk must
+/// first be entered in the dirty log (a sync) or a block it covers partly
+/// is not cached. Larger I/O and flushes always go to the pool.
 pub(crate) const INLINE_IO_MAX: usize = 64 * 1024;
 
 /// Runs one of the engine's blocking operations on tokio's blocking pool.
@@ -913,8 +1507,10 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 data: bytes::Bytes,
             ) -> torus_traits::Result<()> {
-                if data.len() <= $crate::storage::chunk_dir::INLINE_IO_MAX {
-                    return self.dir.write(chunk, offset, &data);
+                if data.len() <= $crate::storage::chunk_dir::INLINE_IO_MAX
+                    && self.dir.write_inline(chunk, offset, &data)?
+                {
+                    return Ok(());
                 }
                 $crate::storage::chunk_dir::blocking(&self.dir, move |d| {
                     d.write(chunk, offset, &data)
@@ -946,6 +1542,13 @@ macro_rules! chunk_dir_block_store {
 
             async fn list_chunks(&self) -> torus_traits::Result<Vec<torus_traits::ChunkRef>> {
                 Ok(self.dir.list_chunks())
+            }
+
+            async fn scan_chunk(
+                &self,
+                chunk: torus_traits::ChunkRef,
+            ) -> torus_traits::Result<torus_traits::ChunkScan> {
+                $crate::storage::chunk_dir::blocking(&self.dir, move |d| d.scan_chunk(chunk)).await
             }
 
             async fn delete_volume(

@@ -11,7 +11,8 @@
 //!
 //! # Operations and fault order
 //!
-//! Each trait method is one [`Op`]; an [`OpSet`] names several
+//! Each trait method is one [`Op`] (`scan_chunk` counts as a read); an
+//! [`OpSet`] names several
 //! ([`OpSet::READS`] is `read`, [`OpSet::WRITES`] is `write`, `zero` and
 //! `delete_chunk`, [`OpSet::FLUSH`] is `flush`, [`OpSet::ALL`] adds
 //! `list_chunks` and `used`). `delete_volume` is `list_chunks` followed by
@@ -24,8 +25,14 @@
 //! [`FaultControl::fail_next`], [`FaultControl::fail_chunk`]); then runs on
 //! the inner store. A read's result may then be corrupted
 //! ([`FaultControl::corrupt_chunk`], [`FaultControl::corrupt_reads`]): the
-//! store's data is untouched, only the returned copy has bits flipped.
-//! Lasting damage to stored data is [`FaultControl::rot`].
+//! store's data is untouched, only the returned copy has bits flipped. A
+//! `scan_chunk` (forwarded to the inner store) is corrupted the same way, as
+//! a read of the whole chunk: the blocks hit get the checksum of the flipped
+//! data and are listed as bad. Lasting damage to stored data is
+//! [`FaultControl::rot`]; it goes through the inner store's `write`, so a
+//! store that keeps checksums (file, mmap) checksums the rotten byte like
+//! any write and does not report it: to test their detection, damage their
+//! files directly.
 //!
 //! # Power loss
 //!
@@ -72,6 +79,7 @@
 //! run one at a time (memory stores lock a chunk per operation anyway);
 //! operations on different chunks, and reads, run in parallel as before.
 
+use super::sums::ZERO_CRC;
 use super::{blocks_inside, blocks_touched, check_range, lock};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -82,7 +90,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Mutex as AsyncMutex, OnceCell, OwnedMutexGuard, RwLock as AsyncRwLock};
-use torus_traits::{BlockStore, ChunkRef, Error, Result, VolumeId, SECTOR};
+use torus_traits::{BlockStore, ChunkRef, ChunkScan, Error, Result, VolumeId, SECTOR};
 
 /// One `BlockStore` method, as far as faults are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,7 +125,7 @@ pub struct OpSet(u8);
 impl OpSet {
     /// No operation.
     pub const NONE: OpSet = OpSet(0);
-    /// `read`.
+    /// `read` (and `scan_chunk`).
     pub const READS: OpSet = OpSet(Op::Read.bit());
     /// `write`, `zero` and `delete_chunk`: everything that changes data.
     pub const WRITES: OpSet = OpSet(Op::Write.bit() | Op::Zero.bit() | Op::Delete.bit());
@@ -323,7 +331,8 @@ impl FaultControl {
 
     /// Every non-empty read of `chunk` returns data with the lowest bit of
     /// the first byte flipped in each 4 KiB block it covers (so every block
-    /// read fails its checksum), until [`clear_corruption`](Self::clear_corruption).
+    /// read fails its checksum, and a scan lists every block as bad), until
+    /// [`clear_corruption`](Self::clear_corruption).
     pub fn corrupt_chunk(&self, chunk: ChunkRef) {
         self.faults().corrupt_chunks.insert(chunk);
     }
@@ -488,13 +497,11 @@ impl Core {
         }
     }
 
-    /// Applies the read corruption faults to a read's result.
-    fn corrupt(&self, chunk: ChunkRef, offset: u64, data: Bytes) -> Bytes {
-        if data.is_empty() {
-            return data;
-        }
+    /// Whether the read corruption faults hit a read of `len` bytes of
+    /// `chunk` (not empty): `None`, or whether the whole chunk is corrupted
+    /// and the byte and bit of a random flip. Counts the read as corrupted.
+    fn corruption(&self, chunk: ChunkRef, len: usize) -> Option<(bool, Option<(usize, u8)>)> {
         let mut f = lock(&self.faults);
-        let len = data.len();
         let whole = f.corrupt_chunks.contains(&chunk);
         let random = match (&mut f.corrupt_rate, whole) {
             (Some((p, rng)), false) => rng
@@ -503,10 +510,59 @@ impl Core {
             _ => None,
         };
         if !whole && random.is_none() {
-            return data;
+            return None;
         }
         f.stats.corrupted_reads += 1;
-        drop(f);
+        Some((whole, random))
+    }
+
+    /// Applies the read corruption faults to a scan's result, as if the
+    /// whole chunk had been read with them: the blocks whose bits they flip
+    /// get the checksum of the flipped data and are listed as bad (a store
+    /// keeping checksums would find they fail them).
+    fn corrupt_scan(&self, chunk: ChunkRef, mut scan: ChunkScan) -> ChunkScan {
+        let block = SECTOR as usize;
+        let len = scan.crcs.len() * block;
+        if len == 0 {
+            return scan;
+        }
+        let Some((whole, random)) = self.corruption(chunk, len) else {
+            return scan;
+        };
+        // CRCs are affine: crc(a ^ e) = crc(a) ^ crc(e) ^ crc(zeros) for
+        // blocks of one length, so a flip needs no data.
+        let flip = |byte: usize, bit: u8| {
+            let mut e = vec![0u8; block];
+            e[byte] ^= 1 << bit;
+            crc32c::crc32c(&e) ^ ZERO_CRC
+        };
+        if whole {
+            // The first byte of each block, as `corrupt` does from offset 0.
+            let delta = flip(0, 0);
+            for (b, crc) in scan.crcs.iter_mut().enumerate() {
+                *crc ^= delta;
+                scan.bad.push(b as u32);
+            }
+        }
+        if let Some((i, bit)) = random {
+            let b = i / block;
+            scan.crcs[b] ^= flip(i % block, bit);
+            scan.bad.push(b as u32);
+        }
+        scan.bad.sort_unstable();
+        scan.bad.dedup();
+        scan
+    }
+
+    /// Applies the read corruption faults to a read's result.
+    fn corrupt(&self, chunk: ChunkRef, offset: u64, data: Bytes) -> Bytes {
+        if data.is_empty() {
+            return data;
+        }
+        let len = data.len();
+        let Some((whole, random)) = self.corruption(chunk, len) else {
+            return data;
+        };
         let mut buf = data.to_vec();
         if whole {
             // The first byte of the read, then the first byte of each block.
@@ -814,6 +870,13 @@ impl BlockStore for FaultyBlockStore {
         }
         t.logs.retain(|_, log| !log.is_empty());
         Ok(())
+    }
+
+    async fn scan_chunk(&self, chunk: ChunkRef) -> Result<ChunkScan> {
+        // A scan is a read of the whole chunk, as far as faults go.
+        self.core.before(Op::Read, Some(chunk)).await?;
+        let scan = self.core.inner.scan_chunk(chunk).await?;
+        Ok(self.core.corrupt_scan(chunk, scan))
     }
 
     async fn delete_chunk(&self, chunk: ChunkRef) -> Result<()> {

@@ -1,17 +1,22 @@
 //! [`FileBlockStore`]: one sparse file per chunk, read and written with
 //! positional I/O (`pread`/`pwrite`) on cached descriptors.
 //!
-//! Layout, accounting, the descriptor cache and flush are shared with the
-//! mmap store and described in the `chunk_dir` module: chunks live at
-//! `<dir>/<volume>/<index>`, space is counted exactly in 4 KiB blocks, `zero`
-//! punches holes, and `flush` is `fdatasync` of every file written since the
-//! last flush plus `fsync` of every directory whose entries changed.
+//! Layout, accounting, checksums, the descriptor cache and flush are shared
+//! with the mmap store and described in the `chunk_dir` module: chunks live
+//! at `<dir>/<volume>/<index>`, each 4 KiB block has a crc32c (kept in
+//! `<dir>/<volume>/crc32c`) that every read checks, space is counted exactly
+//! in 4 KiB blocks, `zero` punches holes, and `flush` is `fdatasync` of every
+//! chunk and checksum file written since the last flush plus `fsync` of every
+//! directory whose entries changed, after which the dirty log that makes the
+//! checksums crash consistent is emptied.
 //!
 //! Reads, flushes and large writes run on tokio's blocking pool
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
 //! is cheaper than the hand-off, and so do reads of up to 64 KiB that the
-//! page cache holds (see `chunk_dir::INLINE_IO_MAX`). Files are read
+//! page cache holds (see `chunk_dir::INLINE_IO_MAX`; a write still goes to
+//! the pool when its chunk must first be entered in the dirty log, once per
+//! chunk per flush). Files are read
 //! and written concurrently through one shared descriptor each: `pread` and
 //! `pwrite` need no lock.
 

@@ -1,6 +1,7 @@
 //! [`MmapBlockStore`]: the chunk files of [`FileBlockStore`](super::FileBlockStore)
-//! (same layout, same accounting, same directory can be opened by either),
-//! with data moved through a shared memory mapping of each chunk file.
+//! (same layout, same accounting and checksums, same directory can be opened
+//! by either), with data moved through a shared memory mapping of each chunk
+//! file.
 //!
 //! Each chunk file is extended (sparsely) to `chunk_size` and mapped whole
 //! when first used; the mapping is cached like the file store's descriptors.
@@ -160,6 +161,12 @@ impl ChunkIo for MappedChunk {
             pos = run_end;
         }
         Ok(())
+    }
+
+    fn read_block_inline(&self, offset: u64, buf: &mut [u8], alloc: &Bitmap) -> io::Result<bool> {
+        // The write that follows stores into this page, which faults it in
+        // if it is not resident: reading it first waits for nothing more.
+        self.read(offset, buf, alloc).map(|()| true)
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {

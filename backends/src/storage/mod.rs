@@ -15,9 +15,12 @@
 //!
 //! The file and mmap stores share everything but the I/O itself
 //! (`chunk_dir`): the on-disk layout `<dir>/<volume>/<index>`, the exact
-//! per-chunk allocation bitmaps, capacity reservation, the descriptor cache and
-//! the flush protocol. Each runs its blocking system calls on tokio's blocking
-//! pool.
+//! per-chunk allocation bitmaps, capacity reservation, a crc32c per 4 KiB
+//! block checked on every read (`Corrupt` on a mismatch) and kept consistent
+//! across crashes by a dirty log (`sums`), the descriptor cache and the flush
+//! protocol. Each runs its blocking system calls on tokio's blocking pool.
+//! The memory store needs no checksums (memory does not rot) and the object
+//! store leaves integrity to the object store.
 //!
 //! All of them account space in [`SECTOR`]-sized (4 KiB) blocks: a block is
 //! "used" from the first write that touches it until a `zero` covering all of
@@ -31,6 +34,7 @@ pub mod file;
 pub mod memory;
 pub mod mmap;
 pub mod object;
+mod sums;
 mod sys;
 
 pub use faulty::{FaultControl, FaultyBlockStore};

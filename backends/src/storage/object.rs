@@ -94,6 +94,14 @@
 //! reads as zeros. A failed upload leaves its chunk dirty, so the next flush
 //! tries again. An object whose header does not decode or does not match its
 //! size is `Corrupt`, and makes `open` fail rather than lose data silently.
+//!
+//! # Checksums
+//!
+//! None of its own: `scan_chunk` is the trait's default (it reads the chunk
+//! and reports its crc32c per 4 KiB block, never a bad block). Object stores
+//! check the integrity of what they store themselves (S3 checksums every
+//! object on upload and at rest), and the local cache holds only data not
+//! yet uploaded, for one flush interval.
 
 use super::alloc::{Bitmap, Space};
 use super::chunk_dir::pwrite_zeros;

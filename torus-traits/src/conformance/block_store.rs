@@ -23,11 +23,14 @@
 //!   offset near `u64::MAX` is `InvalidArgument`, not a panic.
 //! - Writing at full capacity into blocks that already hold data succeeds:
 //!   only newly allocated blocks count against the capacity.
+//! - `scan_chunk` of a healthy store reports, for every 4 KiB block, the
+//!   crc32c of what a read of it returns (zero blocks for an absent chunk)
+//!   and nothing bad; scanning does not create a chunk.
 //!
 //! The functions panic, like assertions, with `block_store::<function>:` and
 //! what differed.
 
-use crate::{BlockStore, ChunkRef, Error, VolumeId, SECTOR};
+use crate::{BlockStore, ChunkRef, ChunkScan, Error, VolumeId, SECTOR};
 use bytes::Bytes;
 use futures::future::join_all;
 use rand::rngs::StdRng;
@@ -55,6 +58,8 @@ pub async fn all(store: &dyn BlockStore) {
     delete_absent_chunk_is_ok(store).await;
     delete_volume_removes_only_that_volume(store).await;
     random_ops_match_model(store).await;
+    scan_chunk_absent_reads_as_zeros(store).await;
+    scan_chunk_matches_data(store).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -208,6 +213,39 @@ async fn expect_used(store: &dyn BlockStore, test: &str, when: &str, expected: u
         "block_store::{test}: used() {when}: got {got} ({} blocks), expected {expected} ({} blocks)",
         got / BLOCK,
         expected / BLOCK
+    );
+}
+
+async fn scan(store: &dyn BlockStore, test: &str, chunk: ChunkRef) -> ChunkScan {
+    let scan = store
+        .scan_chunk(chunk)
+        .await
+        .unwrap_or_else(|e| panic!("block_store::{test}: scan_chunk {chunk}: {e}"));
+    assert_eq!(
+        scan.crcs.len() as u64,
+        CHUNK_SIZE / BLOCK,
+        "block_store::{test}: scan_chunk {chunk}: {} checksums, expected one per 4 KiB block",
+        scan.crcs.len()
+    );
+    scan
+}
+
+/// `scan_chunk` agrees with a read of the whole chunk and finds nothing bad.
+async fn expect_scan_matches(store: &dyn BlockStore, test: &str, chunk: ChunkRef, when: &str) {
+    let data = read(store, test, chunk, 0, CHUNK_SIZE).await;
+    let expected = ChunkScan::of(&data);
+    let got = scan(store, test, chunk).await;
+    if let Some(b) = (0..expected.crcs.len()).find(|&b| got.crcs[b] != expected.crcs[b]) {
+        panic!(
+            "block_store::{test}: scan_chunk {chunk} {when}: block {b} scans as {:#010x}, \
+             its data read back checks {:#010x}",
+            got.crcs[b], expected.crcs[b]
+        );
+    }
+    assert!(
+        got.bad.is_empty(),
+        "block_store::{test}: scan_chunk {chunk} {when}: blocks {:?} reported bad",
+        got.bad
     );
 }
 
@@ -748,6 +786,77 @@ pub async fn delete_volume_removes_only_that_volume(store: &dyn BlockStore) {
         .await
         .unwrap_or_else(|e| panic!("block_store::{T}: delete_volume 1013: {e}"));
     cleanup(store, T, &[]).await;
+}
+
+/// `scan_chunk` of a chunk never written, or deleted, reports one checksum
+/// per 4 KiB block, each that of a zero block, and nothing bad; scanning
+/// creates no chunk.
+pub async fn scan_chunk_absent_reads_as_zeros(store: &dyn BlockStore) {
+    const T: &str = "scan_chunk_absent_reads_as_zeros";
+    expect_fresh(store, T).await;
+    let never = c(1016, 0);
+    let gone = c(1016, 1);
+    write(store, T, gone, 5000, &pattern(1, 3 * BLOCK)).await;
+    delete(store, T, gone).await;
+    let zero_block = crc32c::crc32c(&[0u8; BLOCK as usize]);
+    for chunk in [never, gone] {
+        let got = scan(store, T, chunk).await;
+        if let Some(b) = got.crcs.iter().position(|&crc| crc != zero_block) {
+            panic!(
+                "block_store::{T}: scan_chunk {chunk}: block {b} scans as {:#010x}, \
+                 not as a zero block ({zero_block:#010x})",
+                got.crcs[b]
+            );
+        }
+        assert!(
+            got.bad.is_empty(),
+            "block_store::{T}: scan_chunk {chunk}: blocks {:?} reported bad",
+            got.bad
+        );
+    }
+    expect_list(store, T, "after scanning absent chunks", &[]).await;
+    cleanup(store, T, &[]).await;
+}
+
+/// After writes (whole blocks, unaligned ranges, parts of blocks, the end
+/// of the chunk) and zeros (whole blocks, part of a block, a range across
+/// blocks), the checksums `scan_chunk` reports are those of the data read
+/// back and nothing is bad, before and after a flush; zeroed blocks scan as
+/// zero blocks.
+pub async fn scan_chunk_matches_data(store: &dyn BlockStore) {
+    const T: &str = "scan_chunk_matches_data";
+    expect_fresh(store, T).await;
+    let a = c(1017, 0);
+    let b = c(1017, 1);
+    let writes: &[(u64, u64)] = &[
+        (0, BLOCK),
+        (BLOCK + 100, 5000),
+        (10 * BLOCK, 8 * BLOCK),
+        (300_001, 70_001),
+        (CHUNK_SIZE - 10, 10),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        write(store, T, a, off, &pattern(i as u64 + 1, len)).await;
+    }
+    expect_scan_matches(store, T, a, "after writes").await;
+    zero(store, T, a, 10 * BLOCK, 4 * BLOCK).await;
+    zero(store, T, a, BLOCK + 200, 100).await;
+    zero(store, T, a, 300_000, 10_000).await;
+    expect_scan_matches(store, T, a, "after zeros").await;
+    let zero_block = crc32c::crc32c(&[0u8; BLOCK as usize]);
+    let got = scan(store, T, a).await;
+    for blk in 10..14 {
+        assert_eq!(
+            got.crcs[blk], zero_block,
+            "block_store::{T}: scan_chunk {a}: zeroed block {blk} does not scan as zeros"
+        );
+    }
+    flush(store, T).await;
+    expect_scan_matches(store, T, a, "after a flush").await;
+    write(store, T, b, 0, &pattern(9, 2 * BLOCK)).await;
+    zero(store, T, b, 0, CHUNK_SIZE).await;
+    expect_scan_matches(store, T, b, "after zeroing all of it").await;
+    cleanup(store, T, &[a, b]).await;
 }
 
 /// A reference model of a store: bytes and allocated blocks of each chunk.
