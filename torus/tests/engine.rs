@@ -32,13 +32,23 @@ async fn cluster_meta() -> Arc<dyn MetadataStore> {
 }
 
 async fn node_on(meta: &Arc<dyn MetadataStore>, name: &str, ttl: Duration) -> Node {
+    node_reachable(meta, name, ttl, None).await
+}
+
+/// A node that peers reach as `name` on `net`, when given.
+async fn node_reachable(
+    meta: &Arc<dyn MetadataStore>,
+    name: &str,
+    ttl: Duration,
+    net: Option<&torus_transports::MemoryNetwork>,
+) -> Node {
     let store: Arc<dyn BlockStore> = Arc::new(MemoryBlockStore::new(CHUNK, 256 << 20));
     let cluster = cluster::get(&**meta).await.unwrap().unwrap();
     let opts = NodeOptions {
         id: PeerId::random(),
         address: format!("nbd://{name}"),
-        transport: None,
-        peer_listen: None,
+        transport: net.map(|n| Arc::new(n.transport()) as Arc<dyn torus_traits::PeerTransport>),
+        peer_listen: net.map(|_| name.to_string()),
         peer_advertise: None,
         lease_ttl: ttl,
         auto_join: true,
@@ -112,8 +122,13 @@ async fn catalog_names_sizes_and_concurrent_creates() {
 #[tokio::test]
 async fn one_writer_per_volume_with_fencing_and_takeover() {
     let meta = cluster_meta().await;
-    let a = node_on(&meta, "a", Duration::from_secs(2)).await;
-    let b = node_on(&meta, "b", Duration::from_secs(2)).await;
+    // Both hold data (the ring places chunks on either), so they must reach
+    // each other.
+    let net = torus_transports::MemoryNetwork::new();
+    let a = node_reachable(&meta, "a", Duration::from_secs(2), Some(&net)).await;
+    let b = node_reachable(&meta, "b", Duration::from_secs(2), Some(&net)).await;
+    a.refresh_cluster_view().await.unwrap();
+    b.refresh_cluster_view().await.unwrap();
     catalog::create(&*meta, "v", 8 << 20, 1).await.unwrap();
 
     let dev_a = a.open("v", false).await.unwrap();
@@ -128,10 +143,9 @@ async fn one_writer_per_volume_with_fencing_and_takeover() {
         .unwrap();
     // B is refused, with the holder named.
     match b.open("v", false).await {
-        Err(Error::Locked(m)) => assert!(
-            m.contains(&a.id().to_string()) && m.contains("nbd://a"),
-            "{m}"
-        ),
+        Err(Error::Locked(m)) => {
+            assert!(m.contains(&a.id().to_string()) && m.contains("(a)"), "{m}")
+        }
         Err(e) => panic!("expected Locked, got {e}"),
         Ok(_) => panic!("second writer must be refused"),
     }
