@@ -483,8 +483,9 @@ impl Node {
         )))
     }
 
-    /// One slice of rebalancing for every volume that is placed by an older
-    /// ring and that no node has open.
+    /// One slice of healing for every volume that no node has open and that
+    /// is placed by an older ring, has stale replicas that answer again,
+    /// orphaned copies on live peers, or a scrub asked for.
     async fn rebalance_unopened(&self) -> Result<()> {
         let meta = &*self.inner.meta;
         let ring = self.ring();
@@ -497,6 +498,18 @@ impl Node {
             }
         }
         let orphans = crate::rebalance::live_orphans(meta).await?;
+        // Stale replicas that answer again: a resync is due.
+        let alive = peers::alive(meta).await?;
+        let stale: std::collections::HashSet<_> = meta
+            .range(crate::replication::DEGRADED.as_bytes())
+            .await?
+            .iter()
+            .filter(|kv| {
+                crate::replication::parse_degraded_key(&kv.key)
+                    .is_ok_and(|(_, peer)| alive.contains(&peer))
+            })
+            .filter_map(|kv| crate::keys::volume_id_after(crate::replication::DEGRADED, &kv.key))
+            .collect();
         let scrubs: std::collections::HashSet<_> = meta
             .range(crate::keys::SCRUB.as_bytes())
             .await?
@@ -510,8 +523,11 @@ impl Node {
                 .is_none_or(|r| r.balanced_at(ring.version))
                 && !orphans.contains_key(&volume.id)
                 && !scrubs.contains(&volume.id);
-            if balanced
-                || lock(&self.inner.open).contains_key(&volume.name)
+            let open_here = lock(&self.inner.open)
+                .get(&volume.name)
+                .is_some_and(|w| w.strong_count() > 0);
+            if (balanced && !stale.contains(&volume.id))
+                || open_here
                 || catalog::get_lock(meta, volume.id).await?.is_some()
             {
                 continue;
