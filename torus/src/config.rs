@@ -635,6 +635,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.cluster.down_out_interval, Duration::ZERO);
         assert_eq!(c.cluster.rebalance_rate, ByteSize(64 << 20));
+        assert_eq!(c.cluster.scrub_interval, Duration::from_secs(7 * 86400));
         let d = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
         assert_eq!(d.cluster.down_out_interval, Duration::from_secs(300));
         let flags = Overrides {

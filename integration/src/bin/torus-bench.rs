@@ -17,6 +17,13 @@
 //!   depend on the volume's size (its prefill writes the whole volume, so
 //!   the disk needs that much free space).
 //!
+//! Then the rebuild run: four nodes on etcd at replication 3 (lease 3 s,
+//! down-out interval 5 s), the volume written in full through node A, node
+//! D killed with SIGKILL; it prints the time until D is taken out of the
+//! ring, the time from there to `Balanced: true`, the bytes re-replicated
+//! and their rate, and 4 KiB random-write IOPS through A before and during
+//! the rebuild (`--skip-rebuild` leaves it out).
+//!
 //! Then the metadata operations on the embedded default: a fresh `torusd`,
 //! `--volumes` (1,000) runs of `torusctl volume create-block`, then
 //! `torusctl volume list` with that many volumes, each timed as a user sees
@@ -116,6 +123,9 @@ struct Args {
     /// Keep the work directory (server logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Leave out the rebuild run (four nodes, one killed; --size of data).
+    #[arg(long)]
+    skip_rebuild: bool,
 }
 
 fn parse_size(s: &str) -> Res<u64> {
@@ -851,6 +861,19 @@ fn peer_flags(ctx: &Ctx, kind: Kind, dir: &Path, name: &str) -> Res<Vec<String>>
 }
 
 fn start_cluster(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
+    start_nodes(ctx, kind, dir, &["A", "B", "C"], &[]).map(|(r, _)| r)
+}
+
+/// etcd and a `torusd` per name in `names` (with `extra` flags), every one
+/// a ring member, and the volume at replication 3; returns them and the
+/// etcd endpoint.
+fn start_nodes(
+    ctx: &Ctx,
+    kind: Kind,
+    dir: &Path,
+    names: &[&str],
+    extra: &[&str],
+) -> Res<(Running, String)> {
     // EtcdServer panics on failure (with etcd's log); turn that into an error.
     let etcd = std::panic::catch_unwind(EtcdServer::start).map_err(|p| {
         p.downcast_ref::<String>()
@@ -867,10 +890,11 @@ fn start_cluster(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
         etcd: Some((etcd, guard)),
     };
     ctx.ctl(&["--etcd", &e], &["init", "--replication", "3"])?;
-    for name in ["A", "B", "C"] {
+    for name in names {
         let node = format!("node-{name}");
         let mut flags: Vec<String> = ["--etcd", &e, "--peer-address", "127.0.0.1:0", "--auto-join"]
             .iter()
+            .chain(extra)
             .map(|s| s.to_string())
             .collect();
         flags.extend(peer_flags(ctx, kind, dir, &node)?);
@@ -886,7 +910,7 @@ fn start_cluster(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
         }
         running.procs.push(proc);
     }
-    // All three must be members before the volume is placed.
+    // All must be members before the volume is placed.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         interrupted()?;
@@ -894,13 +918,16 @@ fn start_cluster(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
         let peers: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         let ok = peers
             .as_array()
-            .map(|p| p.len() == 3 && p.iter().all(|p| p["member"] == "OK"))
+            .map(|p| p.len() == names.len() && p.iter().all(|p| p["member"] == "OK"))
             .unwrap_or(false);
         if ok {
             break;
         }
         if Instant::now() >= deadline {
-            return Err(format!("three OK peers not seen within 30 s: {out}"));
+            return Err(format!(
+                "{} OK peers not seen within 30 s: {out}",
+                names.len()
+            ));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -922,7 +949,7 @@ fn start_cluster(ctx: &Ctx, kind: Kind, dir: &Path) -> Res<Running> {
             }
         }
     }
-    Ok(running)
+    Ok((running, e))
 }
 
 /// nbdkit or qemu-nbd on a sparse file of the volume's size.
@@ -1194,6 +1221,189 @@ struct MetaFigures {
     list: Vec<f64>,
     /// `torusctl --version`: what starting the program alone costs.
     start: Vec<f64>,
+}
+
+/// What the rebuild run measured.
+struct RebuildFigures {
+    data_mib: u64,
+    /// From the kill to the dead node's removal from the ring (lease lapse
+    /// plus the down-out interval).
+    detect_s: f64,
+    /// From the removal to `Balanced: true`.
+    rebuild_s: f64,
+    /// Bytes the survivors gained (the re-replicated copies).
+    copied: u64,
+    iops_before: f64,
+    /// Foreground runs overlapping the rebuild: their mean IOPS.
+    iops_during: Option<f64>,
+}
+
+/// Four nodes at replication 3 with the volume written in full; node D is
+/// killed with SIGKILL. Measures the time to take it out of the ring, the
+/// rebuild rate after that, and 4 KiB random-write IOPS through node A
+/// before and during the rebuild.
+fn rebuild_bench(ctx: &Ctx, work: &Path) -> Res<RebuildFigures> {
+    let dir = work.join("rebuild");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config = dir.join("node.toml");
+    std::fs::write(&config, "[node]\nlease_ttl = \"3s\"\n")
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+    let config_arg = config.display().to_string();
+    let extra = ["--config", &config_arg, "--down-out-interval", "5s"];
+    let (mut running, e) = start_nodes(ctx, Kind::Cluster, &dir, &["A", "B", "C", "D"], &extra)?;
+    let etcd = ["--etcd", e.as_str()];
+    let uri = running.uri.clone();
+    let [fill, _, rand_write, ..] = &WORKLOADS;
+    eprintln!("== rebuild: writing {} MiB", ctx.size / MIB);
+    fio(ctx, &uri, "rebuild-fill", fill, None)?;
+    let before = fio(ctx, &uri, "rebuild-before", rand_write, Some((5, 1)))?;
+    let used = |ctx: &Ctx| -> Res<(u64, usize)> {
+        let out = ctx.ctl(&etcd, &["list-peers", "--json"])?;
+        let peers: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let live: Vec<&Value> = peers
+            .as_array()
+            .map(|p| p.iter().filter(|p| p["member"] == "OK").collect())
+            .unwrap_or_default();
+        let sum = live
+            .iter()
+            .map(|p| p["info"]["used"].as_u64().unwrap_or(0))
+            .sum();
+        Ok((sum, live.len()))
+    };
+    let d = running.procs.pop().ok_or("no node D")?;
+    eprintln!("== rebuild: killing node D");
+    let killed = Instant::now();
+    drop(d);
+    // The survivors' usage before D's share is copied to them (D's record
+    // lingers until its lease lapses).
+    let before_survivors = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            interrupted()?;
+            let (sum, live) = used(ctx)?;
+            if live == 3 {
+                break sum;
+            }
+            if Instant::now() >= deadline {
+                return Err("node D still shown alive 30 s after SIGKILL".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Watch for the ring change and the return to balance while fio runs.
+    let (tx, rx) = mpsc::channel::<(Duration, Duration)>();
+    let watcher = {
+        let torusctl = ctx.torusctl.clone();
+        let e = e.clone();
+        std::thread::spawn(move || -> Res<()> {
+            let ctl = |args: &[&str]| {
+                run_ok(
+                    Command::new(&torusctl).args(["--etcd", &e]).args(args),
+                    Duration::from_secs(30),
+                )
+            };
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let mut removed = None;
+            loop {
+                interrupted()?;
+                if Instant::now() >= deadline {
+                    return Err("not balanced within 10 minutes of the kill".into());
+                }
+                if removed.is_none() {
+                    // Out of the ring and dead: no longer listed at all.
+                    let out = ctl(&["list-peers", "--json"])?;
+                    let peers: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+                    if peers.as_array().is_some_and(|p| p.len() == 3) {
+                        removed = Some(killed.elapsed());
+                    }
+                }
+                if let Some(r) = removed {
+                    if ctl(&["list-peers"])?.contains("Balanced: true") {
+                        let _ = tx.send((r, killed.elapsed()));
+                        return Ok(());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut runs = Vec::new();
+    let (removed, balanced) = loop {
+        interrupted()?;
+        let start = killed.elapsed();
+        let f = fio(ctx, &uri, "rebuild-during", rand_write, Some((2, 0)))?;
+        runs.push((start, killed.elapsed(), f.iops));
+        if let Ok(done) = rx.try_recv() {
+            break done;
+        }
+        if watcher.is_finished() {
+            return match watcher.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err("the rebuild watcher stopped".into()),
+            };
+        }
+    };
+    let _ = watcher.join();
+    let (after, _) = used(ctx)?;
+    let during: Vec<f64> = runs
+        .iter()
+        .filter(|(s, e, _)| *e > removed && *s < balanced)
+        .map(|r| r.2)
+        .collect();
+    let figures = RebuildFigures {
+        data_mib: ctx.size / MIB,
+        detect_s: removed.as_secs_f64(),
+        rebuild_s: (balanced - removed).as_secs_f64(),
+        copied: after.saturating_sub(before_survivors),
+        iops_before: before.iops,
+        iops_during: (!during.is_empty()).then(|| mean(&during)),
+    };
+    for p in running.stop() {
+        eprintln!("torus-bench: rebuild: {p}");
+    }
+    Ok(figures)
+}
+
+fn rebuild_markdown(f: &RebuildFigures) -> String {
+    let rate = f.copied as f64 / f.rebuild_s.max(1e-3) / 1e6;
+    let during = f
+        .iops_during
+        .map_or("n/a (the rebuild ended between runs)".to_string(), |d| {
+            format!(
+                "{} ({:.0} % of before)",
+                fmt_num(d),
+                d * 100.0 / f.iops_before.max(1.0)
+            )
+        });
+    format!(
+        "\nRebuild: four nodes, replication 3, {} MiB written, node D killed (lease 3 s, down-out 5 s)\n\n\
+         | figure | value |\n|---|---|\n\
+         | kill → taken out of the ring | {:.1} s |\n\
+         | taken out → `Balanced: true` | {:.1} s |\n\
+         | re-replicated | {} MiB |\n\
+         | rebuild rate | {:.0} MB/s |\n\
+         | 4 KiB rand write QD32 before (IOPS) | {} |\n\
+         | same, during the rebuild (IOPS) | {} |\n",
+        f.data_mib,
+        f.detect_s,
+        f.rebuild_s,
+        f.copied / MIB,
+        rate,
+        fmt_num(f.iops_before),
+        during,
+    )
+}
+
+fn rebuild_json(f: &RebuildFigures) -> Value {
+    json!({
+        "data_mib": f.data_mib,
+        "detect_s": round2(f.detect_s),
+        "rebuild_s": round2(f.rebuild_s),
+        "copied_bytes": f.copied,
+        "rebuild_mb_per_s": round2(f.copied as f64 / f.rebuild_s.max(1e-3) / 1e6),
+        "iops_before": round2(f.iops_before),
+        "iops_during": f.iops_during.map(round2),
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -1637,6 +1847,20 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    let mut rebuild_error = None;
+    let rebuild = if !args.skip_rebuild && !INTERRUPTED.load(Ordering::SeqCst) {
+        eprintln!("== rebuild");
+        match rebuild_bench(&ctx, work.path()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("== rebuild: FAILED: {e}");
+                rebuild_error = Some(e);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let elapsed = started.elapsed().as_secs();
     let load_end = loadavg();
 
@@ -1660,6 +1884,9 @@ fn main() -> ExitCode {
     if let Some(f) = &meta {
         print!("{}", metadata_markdown(f));
     }
+    if let Some(f) = &rebuild {
+        print!("{}", rebuild_markdown(f));
+    }
 
     let mut failed = INTERRUPTED.load(Ordering::SeqCst);
     if let Some(path) = &args.json {
@@ -1677,6 +1904,9 @@ fn main() -> ExitCode {
         let mut report = json_report(&results, config);
         if let (Some(f), Some(obj)) = (&meta, report.as_object_mut()) {
             obj.insert("metadata".into(), metadata_json(f));
+        }
+        if let (Some(f), Some(obj)) = (&rebuild, report.as_object_mut()) {
+            obj.insert("rebuild".into(), rebuild_json(f));
         }
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(path, text + "\n") {
@@ -1697,6 +1927,10 @@ fn main() -> ExitCode {
     failed |= results.iter().any(ServerResult::failed);
     if let Some(e) = &meta_error {
         eprintln!("torus-bench: metadata timings failed: {e}");
+        failed = true;
+    }
+    if let Some(e) = &rebuild_error {
+        eprintln!("torus-bench: rebuild run failed: {e}");
         failed = true;
     }
     if failed || args.keep {
