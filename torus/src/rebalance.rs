@@ -27,10 +27,10 @@
 //! 2. Find the chunks that exist: `ListChunks` on every member of both rings,
 //!    plus the chunks written since the start. A member that cannot be listed
 //!    makes every chunk it could hold "maybe existing" (copied, never skipped).
-//! 3. For each existing chunk in index order, under its lock: copy it from a
-//!    current old replica to each new owner (256 KiB pieces, zero runs as
-//!    zeroing), make the copies durable, then advance and record `cursor`
-//!    past it. A new owner that cannot be reached is recorded degraded for
+//! 3. Take the existing chunks in index order, eight at a time, under their
+//!    locks: copy each from a current old replica to each new owner (256 KiB
+//!    pieces, all in flight at once, zero runs as zeroing), make the copies
+//!    durable, then advance and record `cursor` past the batch. A new owner that cannot be reached is recorded degraded for
 //!    the chunk (the resync brings it up to date later); a chunk whose old
 //!    replicas all fail to read stops the move, to be retried: the cursor
 //!    never passes a chunk that has no copy under the new ring. Chunks that
@@ -58,7 +58,7 @@ use crate::cluster;
 use crate::codec::{decode, encode};
 use crate::keys;
 use crate::placement;
-use crate::replication::{degraded_key, ReplicatedChunks};
+use crate::replication::{degraded_key, ReplicatedChunks, RESYNC_PIECE};
 use crate::volume::ChunkIo;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -181,6 +181,20 @@ pub struct RebalanceReport {
     pub bytes: u64,
 }
 
+/// What copying one chunk did.
+#[derive(Default)]
+struct Copied {
+    /// Data bytes sent (zero runs not counted).
+    bytes: u64,
+    /// New owners that took every piece.
+    done: Vec<PeerId>,
+    /// New owners that did not, and why.
+    failed: Vec<(PeerId, String)>,
+}
+
+/// Chunks copied at once (each up to a chunk's size in memory).
+const MOVE_BATCH: u64 = 8;
+
 /// How long a new owner may take to answer one copy request.
 const COPY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Wait between recording a finished move and deleting old copies, so
@@ -238,27 +252,28 @@ impl ReplicatedChunks {
                 return Ok(report);
             }
             let noted = self.noted_writes();
-            let next = if maybe_everywhere {
-                Some(cursor)
+            let batch: Vec<u64> = if maybe_everywhere {
+                (cursor..chunks.min(cursor + MOVE_BATCH)).collect()
             } else {
-                existing
+                let mut next: BTreeSet<u64> = existing
                     .range(cursor..)
-                    .next()
+                    .take(MOVE_BATCH as usize)
                     .copied()
-                    .into_iter()
-                    .chain(noted.range(cursor..).next().copied())
-                    .min()
+                    .collect();
+                next.extend(noted.range(cursor..).take(MOVE_BATCH as usize));
+                next.into_iter()
+                    .filter(|&i| i < chunks)
+                    .take(MOVE_BATCH as usize)
+                    .collect()
             };
-            let Some(index) = next.filter(|&i| i < chunks) else {
+            let Some(&last) = batch.last() else {
                 break;
             };
-            let sent = self.move_chunk(index, &settled, &target, epoch).await?;
-            if sent > 0 {
-                report.chunks += 1;
-                report.bytes += sent;
-                self.link.count_copied(sent);
-            }
-            cursor = index + 1;
+            let moved = self.move_chunks(&batch, &settled, &target, epoch).await?;
+            report.chunks += moved.0;
+            report.bytes += moved.1;
+            self.link.count_copied(moved.1);
+            cursor = last + 1;
             if rate > 0 {
                 // Pace to `rate` over the slice so far.
                 let due = Duration::from_secs_f64(report.bytes as f64 / rate as f64);
@@ -363,116 +378,199 @@ impl ReplicatedChunks {
         Ok(())
     }
 
-    /// Copy chunk `index` to its new owners under `target` and advance the
-    /// cursor past it; returns the data bytes sent.
-    async fn move_chunk(
+    /// Copy the chunks `batch` (ascending) to their new owners under
+    /// `target`, all at once, make the copies durable, and advance the
+    /// cursor past the last; returns the chunks copied and the data bytes
+    /// sent.
+    async fn move_chunks(
+        &self,
+        batch: &[u64],
+        settled: &Ring,
+        target: &Ring,
+        epoch: Epoch,
+    ) -> Result<(u64, u64)> {
+        // Each stripe once, in order (two chunks of a batch may share one).
+        let stripes: BTreeSet<u64> = batch
+            .iter()
+            .map(|i| i % crate::replication::STRIPES)
+            .collect();
+        let mut _exclusive = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            _exclusive.push(self.stripe(s).write().await);
+        }
+        let copies = futures::future::join_all(
+            batch
+                .iter()
+                .map(|&index| self.copy_chunk(index, settled, target, epoch)),
+        )
+        .await;
+        let mut failed: Vec<(u64, PeerId, String)> = Vec::new();
+        let mut reached: BTreeSet<PeerId> = BTreeSet::new();
+        let mut copied: Vec<(u64, PeerId)> = Vec::new();
+        let (mut chunks, mut sent) = (0, 0);
+        for (&index, c) in batch.iter().zip(copies) {
+            let c = c?;
+            if c.bytes > 0 || !c.done.is_empty() {
+                chunks += 1;
+            }
+            sent += c.bytes;
+            reached.extend(c.done.iter().copied());
+            copied.extend(c.done.iter().map(|&p| (index, p)));
+            failed.extend(c.failed.into_iter().map(|(p, why)| (index, p, why)));
+        }
+        let reached: Vec<PeerId> = reached.into_iter().collect();
+        let flushes = futures::future::join_all(reached.iter().map(|&p| {
+            let flush = PeerRequest::Flush {
+                volume: self.volume,
+                epoch,
+            };
+            tokio::time::timeout(COPY_TIMEOUT, self.link.call(p, flush))
+        }))
+        .await;
+        let mut unflushed: BTreeSet<PeerId> = BTreeSet::new();
+        for (&p, r) in reached.iter().zip(flushes) {
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e @ Error::Fenced(_))) => return Err(e),
+                Ok(Err(e)) => {
+                    unflushed.insert(p);
+                    tracing::info!(peer = %p, "rebalancing flush failed: {e}");
+                }
+                Err(_) => {
+                    unflushed.insert(p);
+                }
+            }
+        }
+        for (index, p) in copied {
+            if unflushed.contains(&p) {
+                failed.push((index, p, "flush failed".into()));
+            } else if self.is_degraded(index, p) {
+                // A write during the move that missed it recorded it stale.
+                let chunk = ChunkRef::new(self.volume, index);
+                self.link
+                    .meta
+                    .delete(degraded_key(chunk, p).as_bytes())
+                    .await?;
+                self.forget_degraded(index, p);
+            }
+        }
+        // Each chunk must keep a current copy under the new ring.
+        for &index in batch {
+            let chunk = ChunkRef::new(self.volume, index);
+            let left = placement::replicas(target, chunk, self.replication)
+                .iter()
+                .filter(|p| {
+                    !failed.iter().any(|(i, f, _)| *i == index && f == *p)
+                        && !self.is_degraded(index, **p)
+                })
+                .count();
+            if left == 0 {
+                return Err(Error::Unavailable(format!(
+                    "chunk {chunk}: no new owner could take a copy; the move will be retried"
+                )));
+            }
+        }
+        for (index, peer, why) in failed {
+            self.mark_degraded(peer, &[index], epoch, &format!("rebalancing: {why}"))
+                .await?;
+        }
+        let last = batch.last().copied().unwrap_or(0);
+        let record = PlacementRecord {
+            settled: settled.version,
+            target: Some(target.version),
+            cursor: last + 1,
+        };
+        self.save_placement(&record, epoch).await?;
+        self.advance_cursor(last + 1);
+        Ok((chunks, sent))
+    }
+
+    /// Copy one chunk (its lock held by the caller) from its old replicas
+    /// to the owners `target` adds, its pieces all in flight at once.
+    async fn copy_chunk(
         &self,
         index: u64,
         settled: &Ring,
         target: &Ring,
         epoch: Epoch,
-    ) -> Result<u64> {
+    ) -> Result<Copied> {
         let chunk = ChunkRef::new(self.volume, index);
-        let _exclusive = self.stripe(index).write().await;
         let old = placement::replicas(settled, chunk, self.replication);
-        let new = placement::replicas(target, chunk, self.replication);
-        let dests: Vec<PeerId> = new.iter().copied().filter(|p| !old.contains(p)).collect();
-        let mut sent = 0;
-        let mut failed: Vec<(PeerId, String)> = Vec::new();
-        if !dests.is_empty() {
-            let mut live = dests.clone();
-            let chunk_size = self.link.local.store().chunk_size();
-            let mut offset = 0;
-            // Bounded: advances by one piece each pass.
-            while offset < chunk_size && !live.is_empty() {
-                let len = crate::replication::RESYNC_PIECE.min(chunk_size - offset);
-                // Reads go to the old replicas: the chunk has not moved yet.
-                let data = self.read(chunk, offset, len).await?;
-                let zero = data.iter().all(|&b| b == 0);
-                let request = if zero {
+        let dests: Vec<PeerId> = placement::replicas(target, chunk, self.replication)
+            .into_iter()
+            .filter(|p| !old.contains(p))
+            .collect();
+        let mut out = Copied::default();
+        if dests.is_empty() {
+            return Ok(out);
+        }
+        let chunk_size = self.link.local.store().chunk_size();
+        let pieces: Vec<(u64, u64)> = (0..chunk_size.div_ceil(RESYNC_PIECE))
+            .map(|n| {
+                let offset = n * RESYNC_PIECE;
+                (offset, RESYNC_PIECE.min(chunk_size - offset))
+            })
+            .collect();
+        // Reads go to the old replicas: the chunk has not moved yet.
+        let data = futures::future::join_all(
+            pieces
+                .iter()
+                .map(|&(offset, len)| self.read(chunk, offset, len)),
+        )
+        .await;
+        let mut requests = Vec::with_capacity(pieces.len());
+        for (&(offset, len), d) in pieces.iter().zip(data) {
+            let d = d?;
+            if d.iter().all(|&b| b == 0) {
+                requests.push((
+                    0,
                     PeerRequest::Zero {
                         chunk,
                         offset,
                         len,
                         epoch,
-                    }
-                } else {
+                    },
+                ));
+            } else {
+                requests.push((
+                    len,
                     PeerRequest::Write {
                         chunk,
                         offset,
-                        data,
+                        data: d,
                         epoch,
-                    }
-                };
-                let results = futures::future::join_all(live.iter().map(|&p| {
-                    tokio::time::timeout(COPY_TIMEOUT, self.link.call(p, request.clone()))
+                    },
+                ));
+            }
+        }
+        for p in dests {
+            let sends =
+                futures::future::join_all(requests.iter().map(|(_, r)| {
+                    tokio::time::timeout(COPY_TIMEOUT, self.link.call(p, r.clone()))
                 }))
                 .await;
-                let mut still = Vec::new();
-                for (&p, r) in live.iter().zip(results) {
-                    match r {
-                        Ok(Ok(_)) => {
-                            still.push(p);
-                            if !zero {
-                                sent += len;
-                            }
-                        }
-                        Ok(Err(e @ Error::Fenced(_))) => return Err(e),
-                        Ok(Err(e)) => failed.push((p, e.to_string())),
-                        Err(_) => failed.push((p, "copy timed out".into())),
-                    }
-                }
-                live = still;
-                offset += len;
-            }
-            let flushes = futures::future::join_all(live.iter().map(|&p| {
-                let flush = PeerRequest::Flush {
-                    volume: self.volume,
-                    epoch,
-                };
-                tokio::time::timeout(COPY_TIMEOUT, self.link.call(p, flush))
-            }))
-            .await;
-            for (&p, r) in live.iter().zip(flushes) {
+            let mut why = None;
+            for r in sends {
                 match r {
-                    Ok(Ok(_)) => {
-                        // A failed write during the move may have recorded it.
-                        if self.is_degraded(index, p) {
-                            self.link
-                                .meta
-                                .delete(degraded_key(chunk, p).as_bytes())
-                                .await?;
-                            self.forget_degraded(index, p);
-                        }
-                    }
+                    Ok(Ok(_)) => {}
                     Ok(Err(e @ Error::Fenced(_))) => return Err(e),
-                    Ok(Err(e)) => failed.push((p, format!("flush failed: {e}"))),
-                    Err(_) => failed.push((p, "flush timed out".into())),
+                    Ok(Err(e)) => {
+                        why.get_or_insert(e.to_string());
+                    }
+                    Err(_) => {
+                        why.get_or_insert("copy timed out".to_string());
+                    }
                 }
             }
+            match why {
+                None => {
+                    out.bytes += requests.iter().map(|(n, _)| n).sum::<u64>();
+                    out.done.push(p);
+                }
+                Some(why) => out.failed.push((p, why)),
+            }
         }
-        // The chunk must keep a current copy under the new ring.
-        let current_left = new
-            .iter()
-            .filter(|p| !failed.iter().any(|(f, _)| f == *p) && !self.is_degraded(index, **p))
-            .count();
-        if current_left == 0 {
-            return Err(Error::Unavailable(format!(
-                "chunk {chunk}: no new owner could take a copy; the move will be retried"
-            )));
-        }
-        for (peer, why) in failed {
-            self.mark_degraded(peer, &[index], epoch, &format!("rebalancing: {why}"))
-                .await?;
-        }
-        let record = PlacementRecord {
-            settled: settled.version,
-            target: Some(target.version),
-            cursor: index + 1,
-        };
-        self.save_placement(&record, epoch).await?;
-        self.advance_cursor(index + 1);
-        Ok(sent)
+        Ok(out)
     }
 
     /// Indices of the chunks of this volume held by any member of either

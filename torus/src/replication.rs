@@ -266,7 +266,7 @@ async fn follow_placement(
 }
 
 /// Stripes of chunk locks per volume.
-const STRIPES: u64 = 64;
+pub(crate) const STRIPES: u64 = 64;
 /// Bytes copied per request during a resync.
 pub(crate) const RESYNC_PIECE: u64 = 256 << 10;
 /// How long a resync waits for a degraded peer to answer a ping.
@@ -362,6 +362,7 @@ impl ReplicatedChunks {
         }
     }
 
+    /// The lock of chunk `index` (shared by the chunks of its stripe).
     pub(crate) fn stripe(&self, index: u64) -> &tokio::sync::RwLock<()> {
         // In range: the modulus is the vector's length.
         &self.stripes[(index % STRIPES) as usize]

@@ -39,18 +39,28 @@ struct Cluster {
     nodes: BTreeMap<usize, Node>,
     healing: Healing,
     ttl: Duration,
+    /// Faults on node 0's calls to its peers.
+    faults: torus_transports::faulty::TransportFaultControl,
+    /// Node 0's transport (through the fault injector).
+    node0: Option<Arc<dyn torus_traits::PeerTransport>>,
 }
 
 impl Cluster {
     async fn new(n: usize, replication: u32, healing: Healing, ttl: Duration) -> Cluster {
+        let net = MemoryNetwork::new();
+        let faulty = torus_transports::faulty::FaultyTransport::new(Arc::new(net.transport()));
+        let faults = faulty.control();
         let mut c = Cluster {
             meta: common::init(CHUNK, replication).await,
-            net: MemoryNetwork::new(),
+            net,
             stores: BTreeMap::new(),
             nodes: BTreeMap::new(),
             healing,
             ttl,
+            faults,
+            node0: None,
         };
+        c.node0 = Some(Arc::new(faulty));
         for i in 0..n {
             c.start(i).await;
         }
@@ -65,9 +75,13 @@ impl Cluster {
             .entry(i)
             .or_insert_with(|| Arc::new(MemoryBlockStore::new(CHUNK, 256 << 20)))
             .clone();
-        let node = common::start_node_healing(
+        let transport = match (i, &self.node0) {
+            (0, Some(t)) => t.clone(),
+            _ => Arc::new(self.net.transport()),
+        };
+        let node = common::start_node_on(
             &self.meta,
-            &self.net,
+            transport,
             i,
             store,
             self.ttl,
@@ -327,7 +341,8 @@ async fn thrash(seed: u64) {
     let mut model = vec![0u8; SIZE as usize];
     let mut next_node = 4;
     let mut down: Option<usize> = None;
-    let (mut crashes, mut joins, mut removals) = (0, 0, 0);
+    let mut cut: Option<usize> = None;
+    let (mut crashes, mut joins, mut removals, mut partitions) = (0, 0, 0, 0);
     let started = Instant::now();
     // Bounded in count and time.
     for step in 0..300u64 {
@@ -335,10 +350,32 @@ async fn thrash(seed: u64) {
             break;
         }
         match rng.gen_range(0..100) {
+            // The writer loses its link to one peer (the peer lives on),
+            // under the same rule as a crash.
+            15..17
+                if down.is_none()
+                    && cut.is_none()
+                    && c.meta
+                        .range(torus::replication::DEGRADED.as_bytes())
+                        .await
+                        .unwrap()
+                        .is_empty() =>
+            {
+                let others: Vec<usize> = c.nodes.keys().copied().filter(|&i| i != 0).collect();
+                let i = others[rng.gen_range(0..others.len())];
+                c.faults.partition([format!("node{i}")]);
+                cut = Some(i);
+                partitions += 1;
+            }
+            17..20 if cut.is_some() => {
+                c.faults.heal();
+                cut = None;
+            }
             // A peer other than the writer crashes: one at a time, and only
             // while every copy is current (with two copies, losing the
             // only current one makes a chunk unavailable, rightly).
             0..3 if down.is_none()
+                && cut.is_none()
                 && c.meta
                     .range(torus::replication::DEGRADED.as_bytes())
                     .await
@@ -401,9 +438,12 @@ async fn thrash(seed: u64) {
     if let Some(i) = down.take() {
         c.start(i).await;
     }
-    eprintln!("seed {seed}: {crashes} crashes, {joins} joins, {removals} removals");
+    c.faults.heal();
+    eprintln!(
+        "seed {seed}: {crashes} crashes, {partitions} partitions, {joins} joins, {removals} removals"
+    );
     assert!(
-        crashes + joins + removals > 0,
+        crashes + joins + removals + partitions > 0,
         "seed {seed}: the run changed nothing"
     );
     dev.flush().await.unwrap();

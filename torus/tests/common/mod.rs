@@ -63,15 +63,28 @@ pub async fn start_node_healing(
     lease_ttl: Duration,
     healing: Healing,
 ) -> Node {
+    let t: Arc<dyn PeerTransport> = Arc::new(net.transport());
+    start_node_on(meta, t, i, store, lease_ttl, healing).await
+}
+
+/// Start node `i` calling peers through `transport` (a fault-injecting
+/// decorator, say), listening as `node{i}`.
+pub async fn start_node_on(
+    meta: &Arc<dyn MetadataStore>,
+    transport: Arc<dyn PeerTransport>,
+    i: usize,
+    store: Arc<dyn BlockStore>,
+    lease_ttl: Duration,
+    healing: Healing,
+) -> Node {
     let record = cluster::get(&**meta)
         .await
         .expect("read the cluster")
         .expect("cluster initialised");
-    let t: Arc<dyn PeerTransport> = Arc::new(net.transport());
     let opts = NodeOptions {
         id: pid(i as u128 + 1),
         address: format!("node{i}"),
-        transport: Some(t),
+        transport: Some(transport),
         peer_listen: Some(format!("node{i}")),
         peer_advertise: None,
         lease_ttl,
