@@ -157,9 +157,28 @@ fn fio_verify_survives_killed_and_restarted_peers_and_the_cluster_heals() {
 
     // The cluster heals: every member OK, nothing left to move or rebuild,
     // and exactly three copies of every written block.
-    wait_for("Balanced: true", Duration::from_secs(120), || {
-        ctl_etcd(&e, &["list-peers"]).contains("Balanced: true")
-    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ctl_etcd(&e, &["list-peers"]).contains("Balanced: true") {
+        if Instant::now() >= deadline {
+            let warnings: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    n.log_text()
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            panic!(
+                "not Balanced after 120 s:\n{}\n{}\n{}",
+                ctl_etcd(&e, &["list-peers"]),
+                ctl_etcd(&e, &["volume", "list", "--json"]),
+                warnings.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let table = ctl_etcd(&e, &["list-peers"]);
     assert_eq!(table.matches(" OK ").count(), 4, "{table}");
     let list = ctl_etcd(&e, &["volume", "list"]);

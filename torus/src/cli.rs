@@ -86,8 +86,8 @@ pub fn scrub_text(name: &str, r: &crate::scrub::ScrubResult) -> Result<String, S
 }
 
 /// `torusctl list-peers`: the table, then `Balanced: … Usage: …%`.
-/// Balanced means every member is up, nothing is being copied, and
-/// `balance` has no chunk left to move or rebuild.
+/// Balanced means every member is up and `balance` has no chunk left to
+/// move, resync or clean up.
 pub fn peer_table(peers: &[PeerStatus], now_ms: u64, balance: &Balance) -> String {
     let rows: Vec<Vec<String>> = peers
         .iter()
@@ -124,10 +124,9 @@ pub fn peer_table(peers: &[PeerStatus], now_ms: u64, balance: &Balance) -> Strin
         .iter()
         .filter(|p| p.member != Membership::Avail)
         .collect();
-    let balanced = balance.balanced()
-        && members
-            .iter()
-            .all(|p| p.member == Membership::Ok && p.info.rebalance_rate == 0);
+    // The copy rate is not consulted: `balance` knows what is left to do,
+    // and the rate lags it by a heartbeat.
+    let balanced = balance.balanced() && members.iter().all(|p| p.member == Membership::Ok);
     let (used, cap) = members
         .iter()
         .filter(|p| p.member == Membership::Ok)

@@ -103,6 +103,8 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Copied bytes at the last rate sample, when, and the rate then.
     copy_rate: Mutex<(u64, std::time::Instant, u64)>,
+    /// Wakes the movers (volume writers, the rebalancer) on a ring change.
+    ring_changed: Arc<tokio::sync::Notify>,
 }
 
 /// A started node. Cheap to clone.
@@ -237,6 +239,7 @@ impl Node {
                 open_gate: tokio::sync::Mutex::new(()),
                 tasks: Mutex::new(Vec::new()),
                 copy_rate: Mutex::new((0, std::time::Instant::now(), 0)),
+                ring_changed: Arc::new(tokio::sync::Notify::new()),
             }),
         };
         node.heartbeat().await?;
@@ -602,6 +605,7 @@ async fn heal_loop(
     chunk_size: u64,
     healing: Healing,
     meta: Arc<dyn MetadataStore>,
+    ring_changed: Arc<tokio::sync::Notify>,
 ) {
     let rate = healing.rebalance_rate;
     loop {
@@ -640,7 +644,10 @@ async fn heal_loop(
         } else {
             period
         };
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = ring_changed.notified() => {}
+        }
     }
 }
 
@@ -690,8 +697,14 @@ async fn scrub_if_due(
 /// Move the chunks of volumes that no node has open, taking each one's lock
 /// for one slice at a time.
 async fn rebalance_loop(inner: Weak<Inner>) {
+    let Some(ring_changed) = inner.upgrade().map(|i| i.ring_changed.clone()) else {
+        return;
+    };
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = ring_changed.notified() => {}
+        }
         let Some(strong) = inner.upgrade() else {
             return;
         };
@@ -889,6 +902,7 @@ async fn cluster_view_loop(inner: Weak<Inner>, mut watch: WatchStream) {
                             );
                             *inner.link.ring.write().unwrap_or_else(|e| e.into_inner()) =
                                 Arc::new(ring);
+                            inner.ring_changed.notify_waiters();
                         }
                         Err(e) => tracing::warn!("ignoring an undecodable ring: {e}"),
                     }
@@ -1007,6 +1021,7 @@ impl VolumeProvider for Node {
             chunk_size,
             self.inner.opts.healing.clone(),
             self.inner.meta.clone(),
+            self.inner.ring_changed.clone(),
         ));
         {
             let mut tasks = lock(&self.inner.tasks);

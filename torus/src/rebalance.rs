@@ -333,11 +333,7 @@ impl ReplicatedChunks {
         for (index, peer) in stale {
             let chunk = ChunkRef::new(self.volume, index);
             if !placement::replicas(target, chunk, self.replication).contains(&peer) {
-                self.link
-                    .meta
-                    .delete(degraded_key(chunk, peer).as_bytes())
-                    .await?;
-                self.forget_degraded(index, peer);
+                self.disown(chunk, peer).await?;
             }
         }
         Ok(())

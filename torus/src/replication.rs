@@ -387,9 +387,16 @@ impl ReplicatedChunks {
         let mut alive: HashMap<PeerId, bool> = HashMap::new();
         for (index, peer) in self.degraded() {
             let chunk = ChunkRef::new(self.volume, index);
-            // A replica no longer placed here is the rebalancer's business.
             if !self.placed(chunk).contains(&peer) {
-                report.remaining += 1;
+                if self.incoming(chunk).contains(&peer) {
+                    // A new owner of a chunk being moved: the move copies it.
+                    report.remaining += 1;
+                } else {
+                    // Not a replica of this chunk any more (a flush or write
+                    // to an old replica failed after the chunk moved): its
+                    // copy is garbage, handed to the orphan cleanup.
+                    self.disown(chunk, peer).await?;
+                }
                 continue;
             }
             let up = match alive.get(&peer) {
@@ -427,6 +434,22 @@ impl ReplicatedChunks {
             tracing::info!(volume = %self.volume, repaired = report.repaired, bytes = report.bytes, remaining = report.remaining, "resync pass");
         }
         Ok(report)
+    }
+
+    /// `peer`'s stale copy of `chunk` is no replica: record it as an orphan
+    /// (deleted by the writer once the peer answers) and drop the stale
+    /// record.
+    pub(crate) async fn disown(&self, chunk: ChunkRef, peer: PeerId) -> Result<()> {
+        let meta = &self.link.meta;
+        meta.put(
+            &crate::keys::orphan(self.volume, chunk.index, peer),
+            b"{}",
+            None,
+        )
+        .await?;
+        meta.delete(degraded_key(chunk, peer).as_bytes()).await?;
+        self.forget_degraded(chunk.index, peer);
+        Ok(())
     }
 
     /// Copy one chunk to a degraded replica, make it durable, and mark the
