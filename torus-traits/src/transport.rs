@@ -39,8 +39,9 @@ pub enum PeerRequest {
     },
     /// Make every write received so far for `volume` durable; answered with `Done`.
     Flush { volume: VolumeId, epoch: Epoch },
-    /// Remove a chunk; answered with `Done`.
-    DeleteChunk { chunk: ChunkRef },
+    /// Remove a chunk under the writer's epoch (a writer that lost its
+    /// lock cannot delete a copy its successor placed); answered with `Done`.
+    DeleteChunk { chunk: ChunkRef, epoch: Epoch },
     /// The indices of the chunks of `volume` this peer holds; answered with
     /// `Chunks` (rebalancing finds what exists without reading holes).
     ListChunks { volume: VolumeId },

@@ -222,7 +222,7 @@ impl ReplicatedChunks {
             // Nothing newer (this node's view of the ring may also lag the
             // version the volume was placed by: never move backwards).
             None if placement.settled.version >= current.version => {
-                self.delete_orphans().await?;
+                self.delete_orphans(epoch).await?;
                 report.done = true;
                 return Ok(report);
             }
@@ -328,7 +328,7 @@ impl ReplicatedChunks {
         }
         tracing::info!(volume = %self.volume, version = target.version, "rebalancing finished");
         tokio::time::sleep(DELETE_GRACE).await;
-        self.delete_orphans().await?;
+        self.delete_orphans(epoch).await?;
         let stale = self.degraded();
         for (index, peer) in stale {
             let chunk = ChunkRef::new(self.volume, index);
@@ -339,8 +339,10 @@ impl ReplicatedChunks {
         Ok(())
     }
 
-    async fn delete_copy(&self, chunk: ChunkRef, peer: PeerId) -> Result<()> {
-        let delete = self.link.call(peer, PeerRequest::DeleteChunk { chunk });
+    async fn delete_copy(&self, chunk: ChunkRef, peer: PeerId, epoch: Epoch) -> Result<()> {
+        let delete = self
+            .link
+            .call(peer, PeerRequest::DeleteChunk { chunk, epoch });
         match tokio::time::timeout(COPY_TIMEOUT, delete).await {
             Ok(r) => r.map(|_| ()),
             Err(_) => Err(Error::Timeout(format!("deleting {chunk} on {peer}"))),
@@ -348,7 +350,7 @@ impl ReplicatedChunks {
     }
 
     /// Delete the orphaned copies of this volume on live peers.
-    async fn delete_orphans(&self) -> Result<()> {
+    async fn delete_orphans(&self, epoch: Epoch) -> Result<()> {
         let meta = &*self.link.meta;
         let records = meta.range(keys::orphans_of(self.volume).as_bytes()).await?;
         if records.is_empty() {
@@ -364,9 +366,13 @@ impl ReplicatedChunks {
             let _exclusive = self.stripe(index).write().await;
             // Owner again (a later move copied the chunk there): keep it.
             if !self.placed(chunk).contains(&peer) {
-                if let Err(e) = self.delete_copy(chunk, peer).await {
-                    tracing::debug!(%chunk, %peer, "orphaned copy not deleted yet: {e}");
-                    continue;
+                match self.delete_copy(chunk, peer, epoch).await {
+                    Ok(()) => {}
+                    Err(e @ Error::Fenced(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(%chunk, %peer, "orphaned copy not deleted yet: {e}");
+                        continue;
+                    }
                 }
             }
             meta.delete(&kv.key).await?;

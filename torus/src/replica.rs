@@ -182,11 +182,13 @@ impl PeerHandler for Replica {
             PeerRequest::Flush { volume, epoch } => {
                 self.flush(volume, epoch).await.map(|_| PeerResponse::Done)
             }
-            PeerRequest::DeleteChunk { chunk } => self
-                .store
-                .delete_chunk(chunk)
-                .await
-                .map(|_| PeerResponse::Done),
+            PeerRequest::DeleteChunk { chunk, epoch } => {
+                let _admitted = self.admit(chunk.volume, epoch).await?;
+                self.store
+                    .delete_chunk(chunk)
+                    .await
+                    .map(|_| PeerResponse::Done)
+            }
             PeerRequest::ListChunks { volume } => Ok(PeerResponse::Chunks(
                 self.store
                     .list_chunks()

@@ -202,6 +202,14 @@ async fn replicas_refuse_stale_epochs() {
         Err(Error::Fenced(_))
     ));
     assert_eq!(&r.read(c, 0, 7).await.unwrap()[..], b"epoch 2");
+    // Nor may an old writer delete the chunk.
+    use torus_traits::PeerHandler;
+    let delete = |e| torus_traits::PeerRequest::DeleteChunk {
+        chunk: c,
+        epoch: Epoch(e),
+    };
+    assert!(matches!(r.handle(delete(1)).await, Err(Error::Fenced(_))));
+    assert_eq!(&r.read(c, 0, 7).await.unwrap()[..], b"epoch 2");
     // Another volume's epochs are independent.
     r.write(
         ChunkRef::new(VolumeId(2), 0),

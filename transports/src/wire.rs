@@ -48,7 +48,7 @@
 //! | 0x03 | Write          | volume u64, index u64, offset u64, epoch u64, payload   |
 //! | 0x04 | Zero           | volume u64, index u64, offset u64, len u64, epoch u64   |
 //! | 0x05 | Flush          | volume u64, epoch u64                                   |
-//! | 0x06 | DeleteChunk    | volume u64, index u64                                   |
+//! | 0x06 | DeleteChunk    | volume u64, index u64, epoch u64                        |
 //! | 0x07 | ListChunks     | volume u64                                              |
 //! | 0x08 | ScanChunk      | volume u64, index u64                                   |
 //! | 0x81 | Pong           | —                                                       |
@@ -428,9 +428,10 @@ pub fn encode_request(
             head.put_u64(volume.0);
             head.put_u64(epoch.0);
         }
-        PeerRequest::DeleteChunk { chunk } => {
+        PeerRequest::DeleteChunk { chunk, epoch } => {
             head.put_u8(kind::DELETE_CHUNK);
             put_chunk(&mut head, chunk);
+            head.put_u64(epoch.0);
         }
         PeerRequest::ListChunks { volume } => {
             head.put_u8(kind::LIST_CHUNKS);
@@ -654,7 +655,10 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, WireError> {
             volume: VolumeId(r.u64("flush volume")?),
             epoch: Epoch(r.u64("flush epoch")?),
         }),
-        kind::DELETE_CHUNK => Message::Request(PeerRequest::DeleteChunk { chunk: r.chunk()? }),
+        kind::DELETE_CHUNK => Message::Request(PeerRequest::DeleteChunk {
+            chunk: r.chunk()?,
+            epoch: Epoch(r.u64("delete epoch")?),
+        }),
         kind::LIST_CHUNKS => Message::Request(PeerRequest::ListChunks {
             volume: VolumeId(r.u64("list volume")?),
         }),
@@ -876,7 +880,10 @@ mod tests {
                 volume: VolumeId(v),
                 epoch: Epoch(e)
             }),
-            arb_chunk().prop_map(|chunk| PeerRequest::DeleteChunk { chunk }),
+            (arb_chunk(), any::<u64>()).prop_map(|(chunk, e)| PeerRequest::DeleteChunk {
+                chunk,
+                epoch: Epoch(e)
+            }),
             any::<u64>().prop_map(|v| PeerRequest::ListChunks {
                 volume: VolumeId(v)
             }),

@@ -41,7 +41,7 @@ impl PeerHandler for Handler {
                 ])))
             }
             PeerRequest::Write { data, .. } => Ok(PeerResponse::Data(data)),
-            PeerRequest::DeleteChunk { chunk } if chunk.index == 666 => {
+            PeerRequest::DeleteChunk { chunk, .. } if chunk.index == 666 => {
                 self.running.fetch_sub(1, Ordering::SeqCst);
                 panic!("handler bug")
             }
@@ -596,6 +596,7 @@ async fn a_panicking_handler_answers_unavailable() {
             &addr,
             PeerRequest::DeleteChunk {
                 chunk: ChunkRef::new(VolumeId(1), 666),
+                epoch: torus_traits::Epoch(1),
             },
         )
         .await;
