@@ -47,6 +47,28 @@ pub fn ctl_etcd(etcd: &str, args: &[&str]) -> String {
     )
 }
 
+/// `torusctl --etcd ENDPOINT list-peers --json`, parsed: one value per peer.
+pub fn peers_json(etcd: &str) -> Vec<serde_json::Value> {
+    let out = ctl_etcd(etcd, &["list-peers", "--json"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .expect("list-peers json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Poll `ok` every 250 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Fail with an install hint when an external program is missing.
 pub fn require(program: &str) {
     let found = std::env::var_os("PATH")

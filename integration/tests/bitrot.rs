@@ -8,20 +8,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use torus_integration::etcd::EtcdServer;
-use torus_integration::{checksum, ctl_etcd, pattern, require, run_ok, run_with_timeout, Torusd};
+use torus_integration::{
+    checksum, ctl_etcd, pattern, require, run_ok, run_with_timeout, wait_for, Torusd,
+};
 
 const MIB: u64 = 1 << 20;
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 /// Chunk `index` of the first volume in a node's pool.
 fn chunk_file(node: &Torusd, index: u64) -> std::path::PathBuf {

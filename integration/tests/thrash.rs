@@ -12,29 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_integration::etcd::EtcdServer;
-use torus_integration::{ctl_etcd, require, run_with_timeout, Torusd};
+use torus_integration::{ctl_etcd, peers_json, require, run_with_timeout, wait_for, Torusd};
 
 const MIB: u64 = 1 << 20;
-
-fn peers_json(etcd: &str) -> Vec<serde_json::Value> {
-    let out = ctl_etcd(etcd, &["list-peers", "--json"]);
-    serde_json::from_str::<serde_json::Value>(&out)
-        .expect("list-peers json")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 fn ring_version(etcd: &str) -> u64 {
     let out = ctl_etcd(etcd, &["ring", "get"]);
