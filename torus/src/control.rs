@@ -174,16 +174,7 @@ impl Control for MetaControl {
                 degraded.entry(id).or_default().extend(peer);
             }
         }
-        let alive: std::collections::HashSet<PeerId> = self
-            .meta
-            .range(keys::PEERS.as_bytes())
-            .await?
-            .iter()
-            .filter_map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key);
-                key.strip_prefix(keys::PEERS)?.parse::<PeerId>().ok()
-            })
-            .collect();
+        let alive = peers::alive(&*self.meta).await?;
         let (ring, _) = cluster::ring(&*self.meta).await?;
         let placements = self.placements().await?;
         Ok(catalog::list(&*self.meta)
