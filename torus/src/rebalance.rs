@@ -58,15 +58,15 @@ use crate::cluster;
 use crate::codec::{decode, encode};
 use crate::keys;
 use crate::placement;
-use crate::replication::{degraded_key, ReplicatedChunks, RESYNC_PIECE};
+use crate::replication::{degraded_key, piece_request, ReplicatedChunks, RESYNC_PIECE};
 use crate::volume::ChunkIo;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_traits::{
-    ChunkRef, Compare, CompareOp, Epoch, Error, MetadataStore, PeerId, PeerRequest, PeerResponse,
-    Result, Ring, Txn, TxnOp, VolumeId,
+    ChunkRef, Compare, CompareOp, Epoch, Error, MetadataStore, PeerId, PeerRequest, Result, Ring,
+    Txn, TxnOp, VolumeId,
 };
 
 /// Where a volume's chunks are placed, as recorded in metadata.
@@ -340,13 +340,9 @@ impl ReplicatedChunks {
     }
 
     async fn delete_copy(&self, chunk: ChunkRef, peer: PeerId, epoch: Epoch) -> Result<()> {
-        let delete = self
-            .link
-            .call(peer, PeerRequest::DeleteChunk { chunk, epoch });
-        match tokio::time::timeout(COPY_TIMEOUT, delete).await {
-            Ok(r) => r.map(|_| ()),
-            Err(_) => Err(Error::Timeout(format!("deleting {chunk} on {peer}"))),
-        }
+        let delete = PeerRequest::DeleteChunk { chunk, epoch };
+        self.link.call_within(peer, delete, COPY_TIMEOUT).await?;
+        Ok(())
     }
 
     /// Delete the orphaned copies of this volume on live peers.
@@ -426,20 +422,17 @@ impl ReplicatedChunks {
                 volume: self.volume,
                 epoch,
             };
-            tokio::time::timeout(COPY_TIMEOUT, self.link.call(p, flush))
+            self.link.call_within(p, flush, COPY_TIMEOUT)
         }))
         .await;
         let mut unflushed: BTreeSet<PeerId> = BTreeSet::new();
         for (&p, r) in reached.iter().zip(flushes) {
             match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e @ Error::Fenced(_))) => return Err(e),
-                Ok(Err(e)) => {
+                Ok(_) => {}
+                Err(e @ Error::Fenced(_)) => return Err(e),
+                Err(e) => {
                     unflushed.insert(p);
                     tracing::info!(peer = %p, "rebalancing flush failed: {e}");
-                }
-                Err(_) => {
-                    unflushed.insert(p);
                 }
             }
         }
@@ -521,46 +514,23 @@ impl ReplicatedChunks {
         )
         .await;
         let mut requests = Vec::with_capacity(pieces.len());
-        for (&(offset, len), d) in pieces.iter().zip(data) {
-            let d = d?;
-            if d.iter().all(|&b| b == 0) {
-                requests.push((
-                    0,
-                    PeerRequest::Zero {
-                        chunk,
-                        offset,
-                        len,
-                        epoch,
-                    },
-                ));
-            } else {
-                requests.push((
-                    len,
-                    PeerRequest::Write {
-                        chunk,
-                        offset,
-                        data: d,
-                        epoch,
-                    },
-                ));
-            }
+        for (&(offset, _), d) in pieces.iter().zip(data) {
+            requests.push(piece_request(chunk, offset, d?, epoch));
         }
         for p in dests {
-            let sends =
-                futures::future::join_all(requests.iter().map(|(_, r)| {
-                    tokio::time::timeout(COPY_TIMEOUT, self.link.call(p, r.clone()))
-                }))
-                .await;
+            let sends = futures::future::join_all(
+                requests
+                    .iter()
+                    .map(|(_, r)| self.link.call_within(p, r.clone(), COPY_TIMEOUT)),
+            )
+            .await;
             let mut why = None;
             for r in sends {
                 match r {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e @ Error::Fenced(_))) => return Err(e),
-                    Ok(Err(e)) => {
+                    Ok(_) => {}
+                    Err(e @ Error::Fenced(_)) => return Err(e),
+                    Err(e) => {
                         why.get_or_insert(e.to_string());
-                    }
-                    Err(_) => {
-                        why.get_or_insert("copy timed out".to_string());
                     }
                 }
             }
@@ -576,34 +546,14 @@ impl ReplicatedChunks {
     }
 
     /// Indices of the chunks of this volume held by any member of either
-    /// ring; `true` when some member could not be asked.
+    /// ring; `true` when some member of the old ring could not be asked.
     async fn existing_chunks(&self, settled: &Ring, target: &Ring) -> (BTreeSet<u64>, bool) {
         let mut members: BTreeSet<PeerId> = settled.members.iter().map(|m| m.id).collect();
         members.extend(target.members.iter().map(|m| m.id));
-        let asks = members.iter().map(|&p| {
-            let list = self.link.call(
-                p,
-                PeerRequest::ListChunks {
-                    volume: self.volume,
-                },
-            );
-            async move { (p, tokio::time::timeout(COPY_TIMEOUT, list).await) }
-        });
-        let mut existing = BTreeSet::new();
-        let mut unknown = false;
-        for (p, r) in futures::future::join_all(asks).await {
-            match r {
-                Ok(Ok(PeerResponse::Chunks(indices))) => existing.extend(indices),
-                other => {
-                    // Only a member of the old ring can hold chunks nobody
-                    // else lists.
-                    if settled.contains(p) {
-                        tracing::info!(peer = %p, volume = %self.volume, "cannot list chunks ({other:?}): every chunk is treated as existing");
-                        unknown = true;
-                    }
-                }
-            }
-        }
+        let (existing, unasked) = self.list_held(members, COPY_TIMEOUT).await;
+        // Only a member of the old ring can hold chunks nobody else lists:
+        // then every chunk is treated as existing.
+        let unknown = unasked.iter().any(|&p| settled.contains(p));
         (existing, unknown)
     }
 

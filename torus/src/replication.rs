@@ -110,6 +110,21 @@ impl ClusterLink {
         self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// [`call`](Self::call), failing with `Timeout` after `limit`.
+    pub(crate) async fn call_within(
+        &self,
+        peer: PeerId,
+        request: PeerRequest,
+        limit: std::time::Duration,
+    ) -> Result<PeerResponse> {
+        match tokio::time::timeout(limit, self.call(peer, request)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(format!(
+                "peer {peer} did not answer within {limit:?}"
+            ))),
+        }
+    }
+
     pub(crate) fn count_copied(&self, bytes: u64) {
         self.copied.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -262,6 +277,35 @@ async fn follow_placement(
             Ok(p) => io.set_placement(p),
             Err(e) => tracing::warn!(%volume, "reloading the placement record: {e}"),
         }
+    }
+}
+
+/// The request that copies one piece read from a good replica: zeroing for
+/// a run of zeros (holes stay holes), else the data; and the data bytes it
+/// sends.
+pub(crate) fn piece_request(
+    chunk: ChunkRef,
+    offset: u64,
+    data: Bytes,
+    epoch: Epoch,
+) -> (u64, PeerRequest) {
+    let len = data.len() as u64;
+    if data.iter().all(|&b| b == 0) {
+        let zero = PeerRequest::Zero {
+            chunk,
+            offset,
+            len,
+            epoch,
+        };
+        (0, zero)
+    } else {
+        let write = PeerRequest::Write {
+            chunk,
+            offset,
+            data,
+            epoch,
+        };
+        (len, write)
     }
 }
 
@@ -469,22 +513,8 @@ impl ReplicatedChunks {
         while offset < chunk_size {
             let len = RESYNC_PIECE.min(chunk_size - offset);
             let data = self.read(chunk, offset, len).await?;
-            let request = if data.iter().all(|&b| b == 0) {
-                PeerRequest::Zero {
-                    chunk,
-                    offset,
-                    len,
-                    epoch,
-                }
-            } else {
-                sent += len;
-                PeerRequest::Write {
-                    chunk,
-                    offset,
-                    data,
-                    epoch,
-                }
-            };
+            let (bytes, request) = piece_request(chunk, offset, data, epoch);
+            sent += bytes;
             self.link.call(peer, request).await?;
             offset += len;
         }
@@ -503,6 +533,34 @@ impl ReplicatedChunks {
             .await?;
         self.forget_degraded(chunk.index, peer);
         Ok(sent)
+    }
+
+    /// The chunks of this volume that `peers` hold, asked all at once, and
+    /// the peers that could not be asked.
+    pub(crate) async fn list_held(
+        &self,
+        peers: impl IntoIterator<Item = PeerId>,
+        limit: std::time::Duration,
+    ) -> (BTreeSet<u64>, BTreeSet<PeerId>) {
+        let list = PeerRequest::ListChunks {
+            volume: self.volume,
+        };
+        let asks = peers.into_iter().map(|p| {
+            let ask = self.link.call_within(p, list.clone(), limit);
+            async move { (p, ask.await) }
+        });
+        let mut held = BTreeSet::new();
+        let mut unasked = BTreeSet::new();
+        for (p, r) in join_all(asks).await {
+            match r {
+                Ok(PeerResponse::Chunks(indices)) => held.extend(indices),
+                other => {
+                    tracing::info!(peer = %p, volume = %self.volume, "cannot list chunks: {other:?}");
+                    unasked.insert(p);
+                }
+            }
+        }
+        (held, unasked)
     }
 
     /// The replicas placing `chunk` now, in placement order.

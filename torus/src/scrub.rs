@@ -124,7 +124,7 @@ impl ReplicatedChunks {
         let started = Instant::now();
         let mut report = ScrubReport::default();
         let chunk_size = self.link.local.store().chunk_size();
-        for index in self.placed_chunks().await? {
+        for index in self.list_held(self.members(), SCRUB_TIMEOUT).await.0 {
             self.scrub_chunk(index, epoch, &mut report).await?;
             if rate > 0 {
                 let scanned = report.chunks * chunk_size;
@@ -140,26 +140,6 @@ impl ReplicatedChunks {
         Ok(report)
     }
 
-    /// Chunks held by any current replica, in order.
-    async fn placed_chunks(&self) -> Result<BTreeSet<u64>> {
-        let mut chunks = BTreeSet::new();
-        for peer in self.members() {
-            let list = self.link.call(
-                peer,
-                PeerRequest::ListChunks {
-                    volume: self.volume,
-                },
-            );
-            match tokio::time::timeout(SCRUB_TIMEOUT, list).await {
-                Ok(Ok(PeerResponse::Chunks(indices))) => chunks.extend(indices),
-                other => {
-                    tracing::info!(%peer, volume = %self.volume, "scrub cannot list chunks: {other:?}")
-                }
-            }
-        }
-        Ok(chunks)
-    }
-
     async fn scrub_chunk(&self, index: u64, epoch: Epoch, report: &mut ScrubReport) -> Result<()> {
         let chunk = ChunkRef::new(self.volume, index);
         // No write may change the chunk between the scans and the repairs.
@@ -170,9 +150,9 @@ impl ReplicatedChunks {
         }
         let mut scans: Vec<(PeerId, ChunkScan)> = Vec::new();
         for &peer in &replicas {
-            let scan = self.link.call(peer, PeerRequest::ScanChunk { chunk });
-            match tokio::time::timeout(SCRUB_TIMEOUT, scan).await {
-                Ok(Ok(PeerResponse::Scan(s))) => scans.push((peer, s)),
+            let scan = PeerRequest::ScanChunk { chunk };
+            match self.link.call_within(peer, scan, SCRUB_TIMEOUT).await {
+                Ok(PeerResponse::Scan(s)) => scans.push((peer, s)),
                 other => {
                     tracing::info!(%chunk, %peer, "scrub could not scan this copy: {other:?}")
                 }
