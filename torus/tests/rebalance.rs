@@ -349,19 +349,20 @@ async fn thrash(seed: u64) {
         if started.elapsed() > Duration::from_secs(12) {
             break;
         }
+        // A peer fails (crashes, or loses its link to the writer) one at a
+        // time, and only while every copy is current: with two copies,
+        // losing the only current one makes a chunk unavailable, rightly.
+        let quiet = down.is_none()
+            && cut.is_none()
+            && c.meta
+                .range(torus::replication::DEGRADED.as_bytes())
+                .await
+                .unwrap()
+                .is_empty();
+        let others: Vec<usize> = c.nodes.keys().copied().filter(|&i| i != 0).collect();
         match rng.gen_range(0..100) {
-            // The writer loses its link to one peer (the peer lives on),
-            // under the same rule as a crash.
-            15..17
-                if down.is_none()
-                    && cut.is_none()
-                    && c.meta
-                        .range(torus::replication::DEGRADED.as_bytes())
-                        .await
-                        .unwrap()
-                        .is_empty() =>
-            {
-                let others: Vec<usize> = c.nodes.keys().copied().filter(|&i| i != 0).collect();
+            // The writer loses its link to one peer (the peer lives on).
+            15..17 if quiet => {
                 let i = others[rng.gen_range(0..others.len())];
                 c.faults.partition([format!("node{i}")]);
                 cut = Some(i);
@@ -371,18 +372,8 @@ async fn thrash(seed: u64) {
                 c.faults.heal();
                 cut = None;
             }
-            // A peer other than the writer crashes: one at a time, and only
-            // while every copy is current (with two copies, losing the
-            // only current one makes a chunk unavailable, rightly).
-            0..3 if down.is_none()
-                && cut.is_none()
-                && c.meta
-                    .range(torus::replication::DEGRADED.as_bytes())
-                    .await
-                    .unwrap()
-                    .is_empty() =>
-            {
-                let others: Vec<usize> = c.nodes.keys().copied().filter(|&i| i != 0).collect();
+            // A peer other than the writer crashes.
+            0..3 if quiet => {
                 if others.len() > 2 {
                     let i = others[rng.gen_range(0..others.len())];
                     c.crash(i);
