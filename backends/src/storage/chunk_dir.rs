@@ -301,6 +301,9 @@ struct Opened<H> {
     fresh: bool,
 }
 
+/// A chunk and its open file.
+type OpenChunk<H> = (Arc<Chunk<H>>, Opened<H>);
+
 /// A block that failed its checksum: block, stored and computed checksums.
 type Mismatch = (u64, u32, u32);
 
@@ -535,21 +538,9 @@ impl<H: ChunkIo> ChunkDir<H> {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let Some(chunk) = self.lookup(id) else {
+        let Some((chunk, opened)) = self.open_existing(id)? else {
             return zeros();
         };
-        let opened = {
-            let mut st = lock(&chunk.state);
-            if st.deleted {
-                None
-            } else {
-                self.handle(&chunk, &mut st, false)?
-            }
-        };
-        let Some(opened) = opened else {
-            return zeros();
-        };
-        self.cache_fresh(&chunk, &opened);
         let h = &opened.handle;
         // Whole blocks, to check their checksums.
         let (start, end) = aligned(offset, len);
@@ -670,21 +661,9 @@ impl<H: ChunkIo> ChunkDir<H> {
                 bad: Vec::new(),
             })
         };
-        let Some(chunk) = self.lookup(id) else {
+        let Some((chunk, opened)) = self.open_existing(id)? else {
             return zeros();
         };
-        let opened = {
-            let mut st = lock(&chunk.state);
-            if st.deleted {
-                None
-            } else {
-                self.handle(&chunk, &mut st, false)?
-            }
-        };
-        let Some(opened) = opened else {
-            return zeros();
-        };
-        self.cache_fresh(&chunk, &opened);
         let h = &opened.handle;
         let mut data =
             h.io.read_vec(0, self.chunk_size as usize, &chunk.alloc)
@@ -1155,6 +1134,26 @@ impl<H: ChunkIo> ChunkDir<H> {
 
     fn lookup(&self, id: ChunkRef) -> Option<Arc<Chunk<H>>> {
         read_lock(&self.chunks).get(&id).cloned()
+    }
+
+    /// A chunk that exists, with its file open (for reading); `None` when it
+    /// was never written or is deleted (it reads as zeros).
+    fn open_existing(&self, id: ChunkRef) -> Result<Option<OpenChunk<H>>> {
+        let Some(chunk) = self.lookup(id) else {
+            return Ok(None);
+        };
+        let opened = {
+            let mut st = lock(&chunk.state);
+            if st.deleted {
+                None
+            } else {
+                self.handle(&chunk, &mut st, false)?
+            }
+        };
+        Ok(opened.map(|opened| {
+            self.cache_fresh(&chunk, &opened);
+            (chunk, opened)
+        }))
     }
 
     fn lookup_or_insert(&self, id: ChunkRef) -> Arc<Chunk<H>> {

@@ -1052,16 +1052,7 @@ fn open_cache(path: &Path, fresh: bool) -> io::Result<File> {
 
 /// Fills `buf` from `offset`; past the end of the file it keeps its zeros.
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    super::sums::read_at_most(file, buf, offset).map(|_| ())
 }
 
 /// Reads the blocks of `runs` from a cache file into `body`, one after the
