@@ -30,6 +30,18 @@ use std::path::Path;
 use std::sync::Arc;
 use torus_traits::Result;
 
+/// The largest single `pwrite`. The page cache sizes a file's folios by the
+/// writes that create them (ext4 has large folios since Linux 6.16), and
+/// every later write into a folio walks all of its buffer heads: after
+/// 1 MiB writes, a 4 KiB overwrite of the same file costs about six times
+/// more CPU than after 64 KiB ones, and the 1 MiB writes themselves run at
+/// half the speed of the same bytes in 64 KiB pieces (measured on Linux
+/// 6.18, ext4, 1 GiB file: 1.1–1.5 GB/s vs 3.3 GB/s sequential, 41–45 k vs
+/// 257 k random 4 KiB pwrites per second afterwards). Smaller pieces cost
+/// sequential throughput (16 KiB: 2.4 GB/s), larger ones the random writes
+/// (256 KiB: 136 k/s).
+const WRITE_PIECE: usize = 64 << 10;
+
 /// A `BlockStore` keeping each chunk in its own sparse file under one
 /// directory.
 pub struct FileBlockStore {
@@ -142,7 +154,13 @@ impl ChunkIo for FileChunk {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(data, offset)
+        // In pieces: see WRITE_PIECE.
+        let mut offset = offset;
+        for piece in data.chunks(WRITE_PIECE) {
+            self.file.write_all_at(piece, offset)?;
+            offset += piece.len() as u64;
+        }
+        Ok(())
     }
 
     fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
