@@ -752,6 +752,29 @@ impl ReplicatedChunks {
                 first_err.unwrap_or_else(|| Error::Unavailable("no replica answered".into()))
             );
         }
+        if !failed.is_empty() {
+            // Decided under the lock other writes decide theirs under: some
+            // replica this write reached must still be healthy once the ones
+            // it missed are given up. Two concurrent writes that each miss a
+            // different replica could otherwise each give up the only copy
+            // of the other, leaving no replica with every acknowledged write.
+            let mut degraded = lock(&self.degraded);
+            let missed = |p: &PeerId| failed.iter().any(|(f, _)| f == p);
+            let left = targets[..placed]
+                .iter()
+                .filter(|p| !missed(p))
+                .filter(|p| degraded.get(&chunk.index).is_none_or(|b| !b.contains(*p)))
+                .count();
+            if left == 0 {
+                return Err(first_err.unwrap_or_else(|| {
+                    Error::Unavailable(format!(
+                        "chunk {chunk}: every replica the write reached was given up meanwhile"
+                    ))
+                }));
+            }
+            let bad = degraded.entry(chunk.index).or_default();
+            bad.extend(failed.iter().map(|(p, _)| *p));
+        }
         for (peer, why) in failed {
             self.mark_degraded(peer, &[chunk.index], epoch, &why)
                 .await?;
