@@ -280,7 +280,7 @@ impl Default for ClusterConfig {
             replication: 1,
             auto_join: None,
             down_out_interval: Duration::from_secs(300),
-            rebalance_rate: ByteSize(256 << 20),
+            rebalance_rate: ByteSize(512 << 20),
             scrub_interval: Duration::from_secs(7 * 24 * 3600),
             scrub_rate: ByteSize(64 << 20),
         }

@@ -37,8 +37,9 @@ pub struct VolumeStatus {
 pub struct Balance {
     /// Volumes still placed (partly) by an older ring: chunks to move.
     pub moving: u64,
-    /// Replicas recorded stale (chunk, peer), waiting for a resync, and
-    /// copies left by a move on a peer that was down, waiting to be deleted.
+    /// Replicas recorded stale (chunk, peer) on ring members, waiting for a
+    /// resync, and copies left by a move on a live peer, waiting to be
+    /// deleted.
     pub stale: u64,
 }
 
@@ -146,7 +147,17 @@ impl Control for MetaControl {
                 .values()
                 .filter(|r| !r.balanced_at(ring.version))
                 .count() as u64,
-            stale: self.meta.range(DEGRADED.as_bytes()).await?.len() as u64
+            // A record of a peer out of the ring waits only to be dropped
+            // by the volume's writer: no copy is missing for it.
+            stale: self
+                .meta
+                .range(DEGRADED.as_bytes())
+                .await?
+                .iter()
+                .filter(|kv| {
+                    parse_degraded_key(&kv.key).map_or(true, |(_, peer)| ring.contains(peer))
+                })
+                .count() as u64
                 + crate::rebalance::live_orphans(&*self.meta)
                     .await?
                     .values()

@@ -74,7 +74,7 @@ impl Default for Healing {
     fn default() -> Self {
         Healing {
             down_out_interval: Some(Duration::from_secs(300)),
-            rebalance_rate: 256 << 20,
+            rebalance_rate: 512 << 20,
             scrub_interval: Some(Duration::from_secs(7 * 24 * 3600)),
             scrub_rate: 64 << 20,
         }
@@ -84,6 +84,8 @@ impl Default for Healing {
 /// How long a rebalancer or writer moves chunks before looking around again
 /// (an open waiting for a rebalancer's lock waits about this long).
 const REBALANCE_SLICE: Duration = Duration::from_secs(2);
+/// The rebalancer's pause between slices of a move still under way.
+const REBALANCE_GAP: Duration = Duration::from_millis(250);
 
 struct Inner {
     opts: NodeOptions,
@@ -488,8 +490,9 @@ impl Node {
 
     /// One slice of healing for every volume that no node has open and that
     /// is placed by an older ring, has stale replicas that answer again,
-    /// orphaned copies on live peers, or a scrub asked for.
-    async fn rebalance_unopened(&self) -> Result<()> {
+    /// orphaned copies on live peers, or a scrub asked for. `true` when a
+    /// move is still under way.
+    async fn rebalance_unopened(&self) -> Result<bool> {
         let meta = &*self.inner.meta;
         let ring = self.ring();
         let mut records = HashMap::new();
@@ -520,6 +523,7 @@ impl Node {
             .filter(|kv| kv.key.ends_with(b"/request"))
             .filter_map(|kv| crate::keys::volume_id_after(crate::keys::SCRUB, &kv.key))
             .collect();
+        let mut moving = false;
         for volume in catalog::list(meta).await? {
             let balanced = records
                 .get(&volume.id)
@@ -554,16 +558,19 @@ impl Node {
             let result = self.rebalance_slice(&record).await;
             catalog::release_lock(meta, record.id, self.id(), record.epoch).await?;
             match result {
-                Ok(()) | Err(Error::Fenced(_)) => {}
+                Ok(done) => moving |= !done,
+                Err(Error::Fenced(_)) => {}
                 Err(e) => {
                     tracing::warn!(volume = %record.name, "rebalancing failed, will retry: {e}")
                 }
             }
         }
-        Ok(())
+        Ok(moving)
     }
 
-    async fn rebalance_slice(&self, record: &VolumeRecord) -> Result<()> {
+    /// One slice for a volume whose lock this node holds; `true` when its
+    /// move is done.
+    async fn rebalance_slice(&self, record: &VolumeRecord) -> Result<bool> {
         let io =
             ReplicatedChunks::open(self.inner.link.clone(), record.id, record.replication).await?;
         self.announce_epoch(record).await;
@@ -584,7 +591,7 @@ impl Node {
         }
         ChunkIo::flush(&io, record.id, record.epoch).await?;
         tracing::debug!(volume = %record.name, ?report, "rebalancing slice");
-        Ok(())
+        Ok(report.done)
     }
 
     fn export_info(record: &VolumeRecord) -> ExportInfo {
@@ -700,11 +707,13 @@ async fn rebalance_loop(inner: Weak<Inner>) {
     let Some(ring_changed) = inner.upgrade().map(|i| i.ring_changed.clone()) else {
         return;
     };
+    let mut pause = Duration::from_secs(1);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = ring_changed.notified() => {}
         }
+        pause = Duration::from_secs(1);
         let Some(strong) = inner.upgrade() else {
             return;
         };
@@ -712,8 +721,12 @@ async fn rebalance_loop(inner: Weak<Inner>) {
         if !node.ring().contains(node.id()) {
             continue;
         }
-        if let Err(e) = node.rebalance_unopened().await {
-            tracing::warn!("rebalancing pass failed: {e}");
+        match node.rebalance_unopened().await {
+            // A move under way goes on after a gap just long enough for an
+            // open waiting for the lock (it polls every 100 ms) to take it.
+            Ok(true) => pause = REBALANCE_GAP,
+            Ok(false) => {}
+            Err(e) => tracing::warn!("rebalancing pass failed: {e}"),
         }
         if let Err(e) = crate::rebalance::prune_ring_history(&*node.inner.meta).await {
             tracing::debug!("pruning the ring history: {e}");

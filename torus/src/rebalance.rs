@@ -30,7 +30,10 @@
 //! 3. Take the existing chunks in index order, eight at a time, under their
 //!    locks: copy each from a current old replica to each new owner (256 KiB
 //!    pieces, all in flight at once, zero runs as zeroing), make the copies
-//!    durable, then advance and record `cursor` past the batch. A new owner that cannot be reached is recorded degraded for
+//!    durable, then advance and record `cursor` past the batch; the next
+//!    batch is copied while one is made durable and recorded, so the copy
+//!    keeps going during the flushes. A new owner that cannot be reached is
+//!    recorded degraded for
 //!    the chunk (the resync brings it up to date later); a chunk whose old
 //!    replicas all fail to read stops the move, to be retried: the cursor
 //!    never passes a chunk that has no copy under the new ring. Chunks that
@@ -192,6 +195,21 @@ struct Copied {
     failed: Vec<(PeerId, String)>,
 }
 
+/// A batch copied to its new owners, its chunks still locked, waiting for
+/// `commit_batch`.
+struct CopiedBatch<'a> {
+    batch: Vec<u64>,
+    _locks: Vec<tokio::sync::RwLockWriteGuard<'a, ()>>,
+    /// (chunk, new owner) pairs that took every piece.
+    copied: Vec<(u64, PeerId)>,
+    failed: Vec<(u64, PeerId, String)>,
+    chunks: u64,
+    sent: u64,
+}
+
+/// A batch being committed.
+type Commit<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+
 /// Chunks copied at once (each up to a chunk's size in memory).
 const MOVE_BATCH: u64 = 8;
 
@@ -247,8 +265,14 @@ impl ReplicatedChunks {
         // before anything is listed.
         self.barrier().await;
         let (existing, maybe_everywhere) = self.existing_chunks(&settled, &target).await;
+        // The batch copied last, being made durable and recorded while the
+        // next one is copied (see `copy_batch`).
+        let mut committing: Option<Commit<'_>> = None;
         while cursor < chunks {
             if started.elapsed() >= budget {
+                if let Some(c) = committing.take() {
+                    c.await?;
+                }
                 return Ok(report);
             }
             let noted = self.noted_writes();
@@ -269,10 +293,21 @@ impl ReplicatedChunks {
             let Some(&last) = batch.last() else {
                 break;
             };
-            let moved = self.move_chunks(&batch, &settled, &target, epoch).await?;
-            report.chunks += moved.0;
-            report.bytes += moved.1;
-            self.link.count_copied(moved.1);
+            let copy = self.copy_batch(batch, &settled, &target, epoch);
+            let copied = match committing.take() {
+                Some(previous) => {
+                    let (copied, committed) = tokio::join!(copy, previous);
+                    committed?;
+                    copied?
+                }
+                None => copy.await?,
+            };
+            report.chunks += copied.chunks;
+            report.bytes += copied.sent;
+            self.link.count_copied(copied.sent);
+            committing = Some(Box::pin(
+                self.commit_batch(copied, &settled, &target, epoch),
+            ));
             cursor = last + 1;
             if rate > 0 {
                 // Pace to `rate` over the slice so far.
@@ -281,6 +316,9 @@ impl ReplicatedChunks {
                     tokio::time::sleep(wait.min(budget)).await;
                 }
             }
+        }
+        if let Some(c) = committing.take() {
+            c.await?;
         }
         self.finish(&settled, &target, &existing, epoch).await?;
         report.done = target.version >= self.link.ring().version;
@@ -376,25 +414,29 @@ impl ReplicatedChunks {
         Ok(())
     }
 
-    /// Copy the chunks `batch` (ascending) to their new owners under
-    /// `target`, all at once, make the copies durable, and advance the
-    /// cursor past the last; returns the chunks copied and the data bytes
-    /// sent.
-    async fn move_chunks(
+    /// Copy a batch of chunks to their new owners under the chunks' locks,
+    /// which the returned batch keeps until `commit_batch` has made the
+    /// copies durable: a write in between could fail on a new owner and be
+    /// recorded stale, a record the commit would then wrongly clear. The
+    /// next batch is copied while this one commits, so the copying does not
+    /// wait for the disks' flushes and the metadata records.
+    async fn copy_batch(
         &self,
-        batch: &[u64],
+        batch: Vec<u64>,
         settled: &Ring,
         target: &Ring,
         epoch: Epoch,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<CopiedBatch<'_>> {
         // Each stripe once, in order (two chunks of a batch may share one).
+        // A batch still committing may hold some of them: only it can be,
+        // and it waits for no lock, so this waits at most for its commit.
         let stripes: BTreeSet<u64> = batch
             .iter()
             .map(|i| i % crate::replication::STRIPES)
             .collect();
-        let mut _exclusive = Vec::with_capacity(stripes.len());
+        let mut locks = Vec::with_capacity(stripes.len());
         for s in stripes {
-            _exclusive.push(self.stripe(s).write().await);
+            locks.push(self.stripe(s).write().await);
         }
         let copies = futures::future::join_all(
             batch
@@ -402,20 +444,44 @@ impl ReplicatedChunks {
                 .map(|&index| self.copy_chunk(index, settled, target, epoch)),
         )
         .await;
-        let mut failed: Vec<(u64, PeerId, String)> = Vec::new();
-        let mut reached: BTreeSet<PeerId> = BTreeSet::new();
-        let mut copied: Vec<(u64, PeerId)> = Vec::new();
-        let (mut chunks, mut sent) = (0, 0);
-        for (&index, c) in batch.iter().zip(copies) {
+        let mut out = CopiedBatch {
+            batch,
+            _locks: locks,
+            copied: Vec::new(),
+            failed: Vec::new(),
+            chunks: 0,
+            sent: 0,
+        };
+        for (&index, c) in out.batch.iter().zip(copies) {
             let c = c?;
             if c.bytes > 0 || !c.done.is_empty() {
-                chunks += 1;
+                out.chunks += 1;
             }
-            sent += c.bytes;
-            reached.extend(c.done.iter().copied());
-            copied.extend(c.done.iter().map(|&p| (index, p)));
-            failed.extend(c.failed.into_iter().map(|(p, why)| (index, p, why)));
+            out.sent += c.bytes;
+            out.copied.extend(c.done.iter().map(|&p| (index, p)));
+            out.failed
+                .extend(c.failed.into_iter().map(|(p, why)| (index, p, why)));
         }
+        Ok(out)
+    }
+
+    /// Make a copied batch durable on its new owners, settle their degraded
+    /// records, then advance and record the cursor past it.
+    async fn commit_batch(
+        &self,
+        copied: CopiedBatch<'_>,
+        settled: &Ring,
+        target: &Ring,
+        epoch: Epoch,
+    ) -> Result<()> {
+        let CopiedBatch {
+            batch,
+            _locks,
+            copied,
+            mut failed,
+            ..
+        } = copied;
+        let reached: BTreeSet<PeerId> = copied.iter().map(|&(_, p)| p).collect();
         let reached: Vec<PeerId> = reached.into_iter().collect();
         let flushes = futures::future::join_all(reached.iter().map(|&p| {
             let flush = PeerRequest::Flush {
@@ -450,7 +516,7 @@ impl ReplicatedChunks {
             }
         }
         // Each chunk must keep a current copy under the new ring.
-        for &index in batch {
+        for &index in &batch {
             let chunk = ChunkRef::new(self.volume, index);
             let left = placement::replicas(target, chunk, self.replication)
                 .iter()
@@ -477,7 +543,7 @@ impl ReplicatedChunks {
         };
         self.save_placement(&record, epoch).await?;
         self.advance_cursor(last + 1);
-        Ok((chunks, sent))
+        Ok(())
     }
 
     /// Copy one chunk (its lock held by the caller) from its old replicas
