@@ -9,13 +9,13 @@
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use torus::config::{Config, Overrides};
 
 // jemalloc keeps freed 1 MiB request buffers for reuse where glibc returned
 // them to the kernel and faulted fresh zeroed pages in for the next request:
 // about 15 % less CPU per byte on 1 MiB I/O (measured, see the commit).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use torus::config::{Config, Overrides};
 
 #[derive(Parser, Debug)]
 #[command(
