@@ -35,7 +35,8 @@
 //! random write at QD1 (mean and p99 completion latency, µs), and 4 KiB
 //! random write at QD32 over four connections (`--numjobs=4`, only where the
 //! server advertises `CAN_MULTI_CONN`). The volume is filled by a sequential
-//! write pass before the read workloads.
+//! write pass before the read workloads. Every workload starts after a
+//! `sync`, so none pays for the write-back of the one before.
 //!
 //! Output: a Markdown table on stdout (rows = workloads, columns = servers,
 //! plus the ratios torusd/nbdkit, cluster-R3/torusd-R1, TLS/TCP and
@@ -1115,6 +1116,14 @@ fn describe(w: &Workload, f: &Figures) -> String {
     }
 }
 
+/// Write back every dirty page before a workload, so no workload pays for
+/// the one before it (a prefill of 16 GiB is still being written back long
+/// after fio returns) and every server starts from the same state.
+fn settle() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
     let mut result = ServerResult::new(kind);
     let label = kind.label();
@@ -1166,6 +1175,7 @@ fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
                 Outcome::Skipped("sequential write covered the volume".into())
             } else {
                 eprintln!("   prefill: one sequential write pass");
+                settle();
                 match fio(ctx, &running.uri, "prefill", &WORKLOADS[0], None) {
                     Ok(f) => {
                         eprintln!("   prefill: {:.1} MB/s", f.bw_bytes / 1e6);
@@ -1178,6 +1188,7 @@ fn bench_server(ctx: &Ctx, work: &Path, kind: Kind) -> ServerResult {
                 }
             });
         }
+        settle();
         let outcome = if w.numjobs > 1 && result.multi_conn != Some(true) {
             let why = match result.multi_conn {
                 Some(false) => "server does not advertise multi-conn",
@@ -1866,7 +1877,7 @@ fn main() -> ExitCode {
 
     let header = format!(
         "fio {} `--ioengine=nbd` over 127.0.0.1, volume {} MiB (large: {} MiB), {} s per workload after {} s ramp, \
-         no flushes during runs (writes are write-back cached by every server); data under {}. \
+         no flushes during runs (writes are write-back cached by every server), `sync` before each; data under {}. \
          Ratios: value/value (for latency rows, >1 = slower). Total {} s; \
          1-min load average {} at start, {} at end ({} CPUs).",
         fio_version.trim_start_matches("fio-"),
