@@ -57,6 +57,33 @@ pub struct QuicOptions {
     pub idle_timeout: Duration,
 }
 
+/// Receive and send buffer asked for on every QUIC socket (the kernel caps
+/// it at `net.core.rmem_max`/`wmem_max`). The default (~208 KiB) overflowed
+/// during 1 MiB writes: every datagram dropped is a loss to QUIC, answered
+/// with a retransmission and a smaller congestion window.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with `UDP_BUFFER`-sized buffers; `dual`
+/// lets an IPv6 socket reach IPv4 peers too (as quinn's own client does).
+fn udp_socket(addr: SocketAddr, dual: bool) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if dual && addr.is_ipv6() {
+        if let Err(e) = s.set_only_v6(false) {
+            debug!("QUIC socket stays IPv6-only: {e}");
+        }
+    }
+    // Best effort: a smaller buffer still works, only with more losses.
+    if let Err(e) = s.set_recv_buffer_size(UDP_BUFFER) {
+        debug!("QUIC socket receive buffer: {e}");
+    }
+    if let Err(e) = s.set_send_buffer_size(UDP_BUFFER) {
+        debug!("QUIC socket send buffer: {e}");
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 impl QuicOptions {
     pub fn new(tls: Arc<PeerTls>) -> Self {
         QuicOptions {
@@ -165,7 +192,16 @@ impl QuicTransport {
         let sock = resolve(addr).await.map_err(|_| {
             Error::InvalidArgument(format!("{addr:?} is not an address to listen on"))
         })?;
-        let endpoint = Endpoint::server((*self.inner.opts.server_config()?).clone(), sock)
+        let server_config = (*self.inner.opts.server_config()?).clone();
+        let endpoint = udp_socket(sock, false)
+            .and_then(|udp| {
+                Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    udp,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AddrInUse {
                     Error::AlreadyExists(format!("address {addr} is in use"))
@@ -199,7 +235,15 @@ impl QuicTransport {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let e = Endpoint::client(any)
+        let e = udp_socket(any, true)
+            .and_then(|udp| {
+                Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    udp,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .map_err(|e| Error::io("opening a UDP socket for QUIC peers", e))?;
         eps.insert(v4, e.clone());
         Ok(e)
