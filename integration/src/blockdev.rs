@@ -74,8 +74,13 @@ impl FuseLoop {
     /// `mkfs.ext4` on the device.
     pub fn mkfs_ext4(&self) {
         run_ok(
+            // Inode tables and journal initialised now, not by ext4's lazy
+            // init thread after the mount: that thread keeps group
+            // descriptors in a running journal transaction, so a crash test's
+            // `fsck -n` (which cannot replay the journal) would see their
+            // on-disk copies lag behind the synced directory entries.
             Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
+                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
                 .arg(&self.loopdev),
             Duration::from_secs(120),
         );
