@@ -207,75 +207,93 @@ async fn load_degraded(
     Ok(degraded)
 }
 
-/// A reader's follower: applies the writer's changes to degraded records;
-/// when the watch breaks, watches again and reloads. Ends with the reader.
-async fn follow_degraded(
+/// What a reader follows of the writer's records.
+#[derive(Clone, Copy)]
+enum Followed {
+    /// Stale-replica records: each change is applied as it comes.
+    Degraded,
+    /// The placement record: the writer moving chunks to a new ring is seen
+    /// as it goes, so no read goes to an old copy after the move deleted it.
+    Placement,
+}
+
+impl Followed {
+    fn name(self) -> &'static str {
+        match self {
+            Followed::Degraded => "stale-replica records",
+            Followed::Placement => "placement record",
+        }
+    }
+
+    fn key(self, volume: VolumeId) -> Vec<u8> {
+        match self {
+            Followed::Degraded => degraded_prefix(volume).into_bytes(),
+            Followed::Placement => crate::keys::placement(volume),
+        }
+    }
+
+    /// Apply one change seen by the watch.
+    async fn apply(self, io: &ReplicatedChunks, event: &torus_traits::WatchEvent) -> Result<()> {
+        match self {
+            Followed::Degraded => {
+                io.apply_degraded(&event.kv.key, event.kind == EventKind::Put);
+                Ok(())
+            }
+            Followed::Placement => self.reload(io).await,
+        }
+    }
+
+    /// Load the records afresh (after the watch broke).
+    async fn reload(self, io: &ReplicatedChunks) -> Result<()> {
+        let meta = &*io.link.meta;
+        match self {
+            Followed::Degraded => *lock(&io.degraded) = load_degraded(meta, io.volume).await?,
+            Followed::Placement => {
+                io.set_placement(Placement::load(meta, io.volume, io.link.ring()).await?)
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reader's follower of the writer's records (`what`): applies each change
+/// the watch brings; when the watch breaks, watches again and reloads. Ends
+/// with the reader.
+async fn follow(
     io: std::sync::Weak<ReplicatedChunks>,
-    meta: Arc<dyn MetadataStore>,
     volume: VolumeId,
+    what: Followed,
     mut watch: torus_traits::WatchStream,
 ) {
     use futures::StreamExt;
     loop {
         while let Some(event) = watch.next().await {
             let Some(io) = io.upgrade() else { return };
-            match event {
-                Ok(ev) => io.apply_degraded(&ev.kv.key, ev.kind == EventKind::Put),
+            let applied = match event {
+                Ok(ev) => what.apply(&io, &ev).await,
                 Err(e) => {
-                    tracing::debug!(%volume, "degraded-record watch broke: {e}");
+                    tracing::debug!(%volume, "watch of the {} broke: {e}", what.name());
                     break;
                 }
+            };
+            if let Err(e) = applied {
+                tracing::warn!(%volume, "applying a change of the {}: {e}", what.name());
             }
         }
         // Bounded by the reader's life: every pass first checks it is alive.
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             let Some(io) = io.upgrade() else { return };
-            let Ok(w) = meta.watch(degraded_prefix(volume).as_bytes()).await else {
+            let Ok(w) = io.link.meta.watch(&what.key(volume)).await else {
                 continue;
             };
-            match load_degraded(&*meta, volume).await {
-                Ok(fresh) => {
-                    *lock(&io.degraded) = fresh;
+            match what.reload(&io).await {
+                Ok(()) => {
                     watch = w;
                     break;
                 }
-                Err(e) => tracing::debug!(%volume, "reloading degraded records: {e}"),
+                Err(e) => tracing::debug!(%volume, "reloading the {}: {e}", what.name()),
             }
-        }
-    }
-}
-
-/// A reader's follower of the placement record: the writer moving chunks
-/// to a new ring is seen as it goes, so no read goes to an old copy after
-/// the move deleted it. On a broken watch, watches again and reloads.
-async fn follow_placement(
-    io: std::sync::Weak<ReplicatedChunks>,
-    meta: Arc<dyn MetadataStore>,
-    volume: VolumeId,
-    mut watch: torus_traits::WatchStream,
-) {
-    use futures::StreamExt;
-    loop {
-        let broken = match watch.next().await {
-            Some(Ok(_)) => false,
-            Some(Err(e)) => {
-                tracing::debug!(%volume, "placement watch broke: {e}");
-                true
-            }
-            None => true,
-        };
-        if broken {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            match meta.watch(&crate::keys::placement(volume)).await {
-                Ok(w) => watch = w,
-                Err(_) => continue,
-            }
-        }
-        let Some(io) = io.upgrade() else { return };
-        match Placement::load(&*meta, volume, io.link.ring()).await {
-            Ok(p) => io.set_placement(p),
-            Err(e) => tracing::warn!(%volume, "reloading the placement record: {e}"),
         }
     }
 }
@@ -363,19 +381,19 @@ impl ReplicatedChunks {
     ) -> Result<Arc<Self>> {
         let meta = link.meta.clone();
         // Watch first, then load: no change between the two is missed.
-        let watch = meta.watch(degraded_prefix(volume).as_bytes()).await?;
-        let placement = meta.watch(&crate::keys::placement(volume)).await?;
+        let watch = meta.watch(&Followed::Degraded.key(volume)).await?;
+        let placement = meta.watch(&Followed::Placement.key(volume)).await?;
         let io = Arc::new(ReplicatedChunks::open(link, volume, replication).await?);
-        let degraded = tokio::spawn(follow_degraded(
+        let degraded = tokio::spawn(follow(
             Arc::downgrade(&io),
-            meta.clone(),
             volume,
+            Followed::Degraded,
             watch,
         ));
-        let moves = tokio::spawn(follow_placement(
+        let moves = tokio::spawn(follow(
             Arc::downgrade(&io),
-            meta,
             volume,
+            Followed::Placement,
             placement,
         ));
         lock(&io.followers).extend([degraded, moves]);
