@@ -10,6 +10,13 @@
 //! directory whose entries changed, after which the dirty log that makes the
 //! checksums crash consistent is emptied.
 //!
+//! Reads of at least 512 KiB inside the file are not copied: the range is
+//! mapped and locked in memory (`sys::Pinned`), checked against its
+//! checksums there, and handed up as `Bytes` that the socket copies from
+//! (about 10 % less CPU per GB on 1 MiB reads; see
+//! `chunk_dir::PINNED_READ_MIN`). Anything else, or a range that fails to
+//! map or to check, is read with `pread`.
+//!
 //! Reads, flushes and large writes run on tokio's blocking pool
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
@@ -23,6 +30,7 @@
 use super::alloc::Bitmap;
 use super::chunk_dir::{chunk_dir_block_store, pwrite_zeros, ChunkDir, ChunkIo};
 use super::sys;
+use bytes::Bytes;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -140,6 +148,10 @@ impl ChunkIo for FileChunk {
         Ok(buf)
     }
 
+    fn read_pinned(&self, offset: u64, len: usize) -> Option<Bytes> {
+        sys::Pinned::map(&self.file, offset, len).map(Bytes::from_owner)
+    }
+
     fn read_cached(&self, offset: u64, buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
         // Bounded: every pass reads at least one byte or returns.
         let mut done = 0;
@@ -206,5 +218,48 @@ mod tests {
             .is_none());
         let got = store.dir.read(chunk, 4096, 8192).expect("read");
         assert_eq!(&got[..], &data[..]);
+    }
+
+    #[test]
+    fn large_reads_from_a_mapping_are_checked_and_fall_back_to_pread() {
+        const MIB: usize = 1 << 20;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = FileBlockStore::open(tmp.path(), 4 << 20, 16 << 20).expect("open");
+        let chunk = ChunkRef::new(VolumeId(1), 0);
+        let data: Vec<u8> = (0..2 * MIB).map(|i| (i % 253) as u8).collect();
+        store.dir.write(chunk, 0, &data).expect("write");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(tmp.path().join("1").join("0"))
+            .expect("chunk file");
+
+        // Inside the file: mapped. Unaligned, empty or past the end: not.
+        let pinned = sys::Pinned::map(&file, MIB as u64, MIB).expect("mapped");
+        assert_eq!(pinned.as_ref(), &data[MIB..]);
+        assert!(sys::Pinned::map(&file, 512, MIB).is_none());
+        assert!(sys::Pinned::map(&file, 0, 0).is_none());
+        assert!(sys::Pinned::map(&file, MIB as u64, MIB + 4096).is_none());
+
+        // Through the store: a mapped read, an unaligned one, and one that
+        // runs past the end of the file (the rest reads as zeros).
+        let got = store.dir.read(chunk, 0, MIB as u64).expect("read");
+        assert_eq!(&got[..], &data[..MIB]);
+        let got = store.dir.read(chunk, 1000, MIB as u64).expect("read");
+        assert_eq!(&got[..], &data[1000..1000 + MIB]);
+        let got = store
+            .dir
+            .read(chunk, MIB as u64, 2 * MIB as u64)
+            .expect("read");
+        assert_eq!(&got[..MIB], &data[MIB..]);
+        assert!(got[MIB..].iter().all(|&b| b == 0), "zeros past the end");
+
+        // A flipped byte under a mapped read is caught, not served.
+        file.write_all_at(&[data[MIB + 5] ^ 0xff], MIB as u64 + 5)
+            .expect("flip");
+        match store.dir.read(chunk, 0, 2 * MIB as u64) {
+            Err(torus_traits::Error::Corrupt(msg)) => assert!(msg.contains("block 256"), "{msg}"),
+            other => panic!("expected a checksum error, got {other:?}"),
+        }
     }
 }

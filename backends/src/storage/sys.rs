@@ -2,9 +2,10 @@
 //! sparse file (`lseek` `SEEK_DATA`/`SEEK_HOLE`), allocating and punching
 //! blocks (`fallocate`), starting writeback early (`sync_file_range`),
 //! reading only what the page cache holds (`preadv2` with `RWF_NOWAIT`),
-//! dropping cached pages (`posix_fadvise`) and the descriptor limit
-//! (`getrlimit`). Each wrapper takes a borrowed `File`, so the
-//! descriptor is valid for the duration of the call.
+//! dropping cached pages (`posix_fadvise`), the descriptor limit
+//! (`getrlimit`) and a range of a file mapped and locked in memory
+//! ([`Pinned`], `mmap` + `mlock`). Each wrapper takes a borrowed `File`, so
+//! the descriptor is valid for the duration of the call.
 
 use std::fs::File;
 use std::io;
@@ -146,4 +147,85 @@ pub(crate) fn pread_uninit(
     // uninitialised memory is fine. The descriptor is kept open by `file`.
     let r = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) };
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// A range of a file mapped read-only and locked in memory (`mmap` with
+/// `MAP_SHARED`, then `mlock`), readable as a byte slice until dropped.
+///
+/// This is how large reads avoid copying into a buffer: the checksums are
+/// computed over the mapping and the socket copies from it. Locking is what
+/// makes reading the mapping safe: `mlock` faults every page in first (an
+/// I/O error makes it fail, so the caller falls back to `pread`, which
+/// reports it) and keeps the pages resident, so no later access can fault
+/// on the disk and raise `SIGBUS`. Only a range inside the file's size is
+/// ever mapped, and the stores never truncate a chunk file, so no access
+/// lies past its end either. A concurrent write into the range may be seen
+/// part-way, as with any read that overlaps a write in flight.
+pub(crate) struct Pinned {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain read-only memory owned by this value; any
+// thread may read it or unmap it.
+unsafe impl Send for Pinned {}
+// SAFETY: as above; `&Pinned` only gives out shared slices.
+unsafe impl Sync for Pinned {}
+
+impl Pinned {
+    /// Maps and locks `[offset, offset+len)` of `file`. `None` when that
+    /// cannot be done (the range is not page-aligned or not inside the
+    /// file, `mmap` or `mlock` fails: not supported, over the locked-memory
+    /// limit, or an I/O error); the caller then reads with `pread`.
+    pub(crate) fn map(file: &File, offset: u64, len: usize) -> Option<Pinned> {
+        // SAFETY: sysconf reads a constant of the system.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = u64::try_from(page).ok().filter(|&p| p > 0)?;
+        let end = offset.checked_add(len as u64)?;
+        if len == 0 || offset % page != 0 || end > file.metadata().ok()?.len() {
+            return None;
+        }
+        let at = off_t(offset).ok()?;
+        // SAFETY: a new read-only shared mapping of a descriptor kept open
+        // by `file` for the call (the mapping outlives it, as mappings do);
+        // the kernel chooses the address, so no memory of ours is replaced.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                at,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        let pinned = Pinned {
+            ptr: std::ptr::NonNull::new(ptr)?,
+            len,
+        };
+        // SAFETY: locks the pages of the mapping just made, `len` bytes long.
+        if unsafe { libc::mlock(ptr, len) } != 0 {
+            return None; // unmapped by the drop
+        }
+        Some(pinned)
+    }
+}
+
+impl AsRef<[u8]> for Pinned {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped readable at `ptr` and locked, so every
+        // page is resident; they stay mapped until `self` is dropped.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: unmaps (and so unlocks) exactly the mapping made in `map`;
+        // no slice of it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
 }
