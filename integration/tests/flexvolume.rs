@@ -367,6 +367,13 @@ fn mount_write_unmount_then_mount_on_another_host_keeps_the_files() {
     assert!(!is_mounted(&dir_a));
     assert!(!alive(pids[0]), "the attach process exited");
     assert!(recorded_pids(&a.state).is_empty(), "the record is gone");
+    let left: Vec<_> = std::fs::read_dir(&a.state)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "nothing left in the state directory: {left:?}"
+    );
 
     assert_success(&b.mount(&dir_b, &opts("pad", &e, &[])), "mount on b");
     check_files(&dir_b, &files);

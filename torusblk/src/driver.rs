@@ -116,9 +116,12 @@ impl StateDir {
         std::fs::rename(&tmp, &p).map_err(|e| format!("cannot write {}: {e}", p.display()))
     }
     /// Serialise calls on one mount directory (kubelet may retry a call
-    /// that timed out while the first is still running). Held until dropped.
-    pub fn lock(&self, dir: &Path) -> Result<std::fs::File, String> {
+    /// that timed out while the first is still running). Held until the
+    /// returned lock is dropped; an unmount that finishes removes the lock
+    /// file with [`DirLock::remove`].
+    pub fn lock(&self, dir: &Path) -> Result<DirLock, String> {
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
         std::fs::create_dir_all(&self.root).map_err(|e| {
             format!(
                 "cannot create the state directory {}: {e}",
@@ -126,17 +129,25 @@ impl StateDir {
             )
         })?;
         let p = self.path(dir, ".lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
         let deadline = Instant::now() + LOCK_TIMEOUT;
         loop {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+                .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
             // SAFETY: flock on a descriptor owned by `f`, which outlives the call.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(f);
+                // The holder before us may have removed the file after we
+                // opened it: then we hold a lock nobody else will look at,
+                // and must lock the file now at the path instead.
+                let ours = f.metadata().map(|m| (m.dev(), m.ino()));
+                let at_path = std::fs::metadata(&p).map(|m| (m.dev(), m.ino()));
+                match (ours, at_path) {
+                    (Ok(a), Ok(b)) if a == b => return Ok(DirLock { _file: f, path: p }),
+                    _ => continue,
+                }
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -152,6 +163,23 @@ impl StateDir {
         let _ = std::fs::remove_file(self.record_path(dir));
         let _ = std::fs::remove_dir_all(self.work_dir(dir));
         let _ = std::fs::remove_file(self.log_path(dir));
+    }
+}
+
+/// The lock serialising calls on one mount directory ([`StateDir::lock`]).
+pub struct DirLock {
+    /// Held for its flock, which closing it releases.
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl DirLock {
+    /// Removes the lock file, then releases the lock: for a directory whose
+    /// volume is gone, so that lock files do not pile up in the state
+    /// directory. A call waiting on the old file notices it was removed and
+    /// locks a new one.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -397,7 +425,7 @@ fn start_attach_process(
 /// FlexVolume `unmount DIR`.
 pub fn unmount(dir: &Path) -> Reply {
     let state = StateDir::from_env();
-    let _serial = match state.lock(dir) {
+    let serial = match state.lock(dir) {
         Ok(f) => f,
         Err(e) => return Reply::failure(e),
     };
@@ -411,6 +439,7 @@ pub fn unmount(dir: &Path) -> Reply {
         }
     }
     let Some(record) = record else {
+        serial.remove();
         return Reply::success_with(format!(
             "{} was not mounted by torus: nothing to detach",
             dir.display()
@@ -420,6 +449,7 @@ pub fn unmount(dir: &Path) -> Reply {
         return Reply::failure(e);
     }
     state.remove(dir);
+    serial.remove();
     Reply::success()
 }
 
@@ -486,6 +516,40 @@ mod tests {
         s.lock(Path::new("/mnt/y")).unwrap();
         drop(held);
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn a_removed_lock_file_is_not_locked_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir {
+            root: d.path().join("state"),
+        };
+        let dir = Path::new("/mnt/x");
+        let held = s.lock(dir).unwrap();
+        // A second call opens the file and waits for its lock.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let l = s2.lock(dir).unwrap();
+            let _ = tx.send(());
+            std::thread::sleep(Duration::from_millis(500));
+            drop(l);
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        // The holder finishes an unmount: the file goes, then the lock.
+        held.remove();
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The waiter holds a lock on a new file at the path, so a third
+        // call waits for it rather than locking the file just removed.
+        assert!(s.path(dir, ".lock").exists(), "the waiter made a new file");
+        let third = std::time::Instant::now();
+        let l = s.lock(dir).unwrap();
+        assert!(
+            third.elapsed() >= Duration::from_millis(100),
+            "third call waited"
+        );
+        l.remove();
+        assert!(!s.path(dir, ".lock").exists(), "no lock file left behind");
     }
 
     #[test]
