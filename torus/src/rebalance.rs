@@ -33,12 +33,11 @@
 //!    durable, then advance and record `cursor` past the batch; the next
 //!    batch is copied while one is made durable and recorded, so the copy
 //!    keeps going during the flushes. A new owner that cannot be reached is
-//!    recorded degraded for
-//!    the chunk (the resync brings it up to date later); a chunk whose old
-//!    replicas all fail to read stops the move, to be retried: the cursor
-//!    never passes a chunk that has no copy under the new ring. Chunks that
-//!    exist nowhere are skipped: every write to them since the start also
-//!    reached their new owners.
+//!    recorded degraded for the chunk (the resync brings it up to date
+//!    later); a chunk whose old replicas all fail to read stops the move, to
+//!    be retried: the cursor never passes a chunk that has no copy under the
+//!    new ring. Chunks that exist nowhere are skipped: every write to them
+//!    since the start also reached their new owners.
 //! 4. Finish: record `settled` = target. Then, after a short grace so readers
 //!    following the record see it, delete the old copies that the new ring no
 //!    longer places (old copies are deleted only after the new ones are

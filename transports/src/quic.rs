@@ -84,6 +84,21 @@ fn udp_socket(addr: SocketAddr, dual: bool) -> std::io::Result<std::net::UdpSock
     Ok(s.into())
 }
 
+/// A quinn endpoint on a [`udp_socket`]: a server's when `server` is given,
+/// else a client-only one.
+fn bind_endpoint(
+    addr: SocketAddr,
+    dual: bool,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<Endpoint> {
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        udp_socket(addr, dual)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 impl QuicOptions {
     pub fn new(tls: Arc<PeerTls>) -> Self {
         QuicOptions {
@@ -193,22 +208,13 @@ impl QuicTransport {
             Error::InvalidArgument(format!("{addr:?} is not an address to listen on"))
         })?;
         let server_config = (*self.inner.opts.server_config()?).clone();
-        let endpoint = udp_socket(sock, false)
-            .and_then(|udp| {
-                Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    Some(server_config),
-                    udp,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            })
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AddrInUse {
-                    Error::AlreadyExists(format!("address {addr} is in use"))
-                } else {
-                    Error::io(format!("binding QUIC peer listener to {addr}"), e)
-                }
-            })?;
+        let endpoint = bind_endpoint(sock, false, Some(server_config)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                Error::AlreadyExists(format!("address {addr} is in use"))
+            } else {
+                Error::io(format!("binding QUIC peer listener to {addr}"), e)
+            }
+        })?;
         let local = endpoint
             .local_addr()
             .map_err(|e| Error::io(format!("reading the address bound for {addr}"), e))?;
@@ -235,15 +241,7 @@ impl QuicTransport {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let e = udp_socket(any, true)
-            .and_then(|udp| {
-                Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    udp,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            })
+        let e = bind_endpoint(any, true, None)
             .map_err(|e| Error::io("opening a UDP socket for QUIC peers", e))?;
         eps.insert(v4, e.clone());
         Ok(e)

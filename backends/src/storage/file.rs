@@ -114,16 +114,7 @@ impl ChunkIo for FileChunk {
     fn read(&self, offset: u64, buf: &mut [u8], _alloc: &Bitmap) -> io::Result<()> {
         // Holes read as zeros by themselves; past the end of the file (a
         // chunk written only near its start) `buf` keeps its zeros.
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        super::sums::read_at_most(&self.file, buf, offset).map(drop)
     }
 
     fn read_vec(&self, offset: u64, len: usize, _alloc: &Bitmap) -> io::Result<Vec<u8>> {
