@@ -84,6 +84,27 @@ fn udp_socket(addr: SocketAddr, dual: bool) -> std::io::Result<std::net::UdpSock
     Ok(s.into())
 }
 
+/// Largest UDP payload this node sends or accepts, and the upper bound of
+/// quinn's path MTU discovery (its defaults stop at 1452/1472 bytes).
+///
+/// Why raise it: below it, every 4 KiB request is three datagrams, each
+/// built, encrypted, sent, received and acknowledged on its own; with it, a
+/// 4 KiB request is one datagram wherever the path carries it (loopback,
+/// jumbo frames). Discovery still finds the real path MTU (probes too big
+/// for the interface fail locally and are simply lost), so on a 1500-byte
+/// network nothing changes. Why this value: a GSO batch is one `sendmsg`
+/// and must fit in one IP datagram (at most 65,507 bytes of UDP payload),
+/// and quinn builds batches of up to ten packets of the current MTU; a
+/// batch over the limit fails with `EMSGSIZE`, which quinn-udp drops
+/// silently (it expects that only from MTU probes). With a 16 KiB bound,
+/// those silent drops looked like an MTU black hole under load and sent
+/// the MTU back to 1200. [`GsoCapped`] keeps batches within the limit.
+const MAX_UDP_PAYLOAD: u16 = 6_500;
+
+/// The most UDP payload one `sendmsg` may carry (IPv4's limit; IPv6's is 20
+/// bytes more).
+const MAX_GSO_BYTES: usize = 65_507;
+
 /// A quinn endpoint on a [`udp_socket`]: a server's when `server` is given,
 /// else a client-only one.
 fn bind_endpoint(
@@ -91,12 +112,65 @@ fn bind_endpoint(
     dual: bool,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<Endpoint> {
-    Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        udp_socket(addr, dual)?,
-        Arc::new(quinn::TokioRuntime),
-    )
+    use quinn::Runtime;
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(format!("QUIC payload size: {e}")))?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = runtime.wrap_udp_socket(udp_socket(addr, dual)?)?;
+    let socket = Arc::new(GsoCapped {
+        max_segments: MAX_GSO_BYTES / usize::from(MAX_UDP_PAYLOAD),
+        inner: socket,
+    });
+    Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// quinn's UDP socket with its GSO batches capped at `max_segments`
+/// packets, so a batch of packets of [`MAX_UDP_PAYLOAD`] bytes still fits
+/// in one datagram (see there). Everything else is the inner socket's.
+#[derive(Debug)]
+struct GsoCapped {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    max_segments: usize,
+}
+
+impl quinn::AsyncUdpSocket for GsoCapped {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner
+            .max_transmit_segments()
+            .min(self.max_segments)
+            .max(1)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 impl QuicOptions {
@@ -121,6 +195,9 @@ impl QuicOptions {
         t.receive_window(VarInt::from_u32(64 << 20));
         t.send_window(64 << 20);
         t.keep_alive_interval(Some(self.idle_timeout / 3));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(MAX_UDP_PAYLOAD);
+        t.mtu_discovery_config(Some(mtu));
         if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
             t.max_idle_timeout(Some(idle));
         }
@@ -245,6 +322,13 @@ impl QuicTransport {
             .map_err(|e| Error::io("opening a UDP socket for QUIC peers", e))?;
         eps.insert(v4, e.clone());
         Ok(e)
+    }
+
+    /// Statistics of the open connection to `addr` (path MTU, datagrams,
+    /// losses), for diagnostics; `None` when there is none.
+    pub fn stats(&self, addr: &str) -> Option<quinn::ConnectionStats> {
+        let slot = lock(&self.inner.peers).get(addr).cloned()?;
+        slot.open().map(|c| c.stats())
     }
 
     /// The open connection to `addr`, or a new one.
