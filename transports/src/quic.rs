@@ -101,9 +101,9 @@ fn udp_socket(addr: SocketAddr, dual: bool) -> std::io::Result<std::net::UdpSock
 /// the MTU back to 1200. [`GsoCapped`] keeps batches within the limit.
 const MAX_UDP_PAYLOAD: u16 = 6_500;
 
-/// The most UDP payload one `sendmsg` may carry (IPv4's limit; IPv6's is 20
-/// bytes more).
-const MAX_GSO_BYTES: usize = 65_507;
+/// Packets of [`MAX_UDP_PAYLOAD`] bytes that fit in one `sendmsg`: 65,507
+/// bytes of UDP payload at most (IPv4's limit; IPv6's is 20 bytes more).
+const MAX_GSO_SEGMENTS: usize = 65_507 / MAX_UDP_PAYLOAD as usize;
 
 /// A quinn endpoint on a [`udp_socket`]: a server's when `server` is given,
 /// else a client-only one.
@@ -119,29 +119,22 @@ fn bind_endpoint(
         .map_err(|e| std::io::Error::other(format!("QUIC payload size: {e}")))?;
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = runtime.wrap_udp_socket(udp_socket(addr, dual)?)?;
-    let socket = Arc::new(GsoCapped {
-        max_segments: MAX_GSO_BYTES / usize::from(MAX_UDP_PAYLOAD),
-        inner: socket,
-    });
-    Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+    Endpoint::new_with_abstract_socket(config, server, Arc::new(GsoCapped(socket)), runtime)
 }
 
-/// quinn's UDP socket with its GSO batches capped at `max_segments`
+/// quinn's UDP socket with its GSO batches capped at [`MAX_GSO_SEGMENTS`]
 /// packets, so a batch of packets of [`MAX_UDP_PAYLOAD`] bytes still fits
 /// in one datagram (see there). Everything else is the inner socket's.
 #[derive(Debug)]
-struct GsoCapped {
-    inner: Arc<dyn quinn::AsyncUdpSocket>,
-    max_segments: usize,
-}
+struct GsoCapped(Arc<dyn quinn::AsyncUdpSocket>);
 
 impl quinn::AsyncUdpSocket for GsoCapped {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
+        self.0.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
+        self.0.try_send(transmit)
     }
 
     fn poll_recv(
@@ -150,26 +143,23 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        self.0.poll_recv(cx, bufs, meta)
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.0.local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner
-            .max_transmit_segments()
-            .min(self.max_segments)
-            .max(1)
+        self.0.max_transmit_segments().min(MAX_GSO_SEGMENTS)
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        self.0.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        self.0.may_fragment()
     }
 }
 
