@@ -91,7 +91,7 @@ impl Default for TcpOptions {
 
 impl TcpOptions {
     /// The options with out-of-range values brought into range.
-    fn normalized(mut self) -> Self {
+    pub(crate) fn normalized(mut self) -> Self {
         self.max_frame = self.max_frame.max(wire::MIN_MAX_FRAME);
         self.max_in_flight = self.max_in_flight.max(1);
         self.connections_per_peer = self.connections_per_peer.max(1);
@@ -272,7 +272,7 @@ impl PeerTransport for TcpTransport {
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(crate) enum ConnError {
     #[error("protocol error: {0}")]
     Protocol(#[from] WireError),
     #[error("I/O error: {0}")]
@@ -392,8 +392,8 @@ impl<T> Drop for AbortOnDrop<T> {
 // ---------------------------------------------------------------------------
 // Client side
 
-/// One multiplexed client connection.
-struct ClientConn {
+/// One multiplexed client connection (also one QUIC lane, see `quic`).
+pub(crate) struct ClientConn {
     addr: String,
     queue: mpsc::Sender<Encoded>,
     pending: Arc<Pending>,
@@ -472,11 +472,11 @@ impl Drop for Forget<'_> {
 }
 
 impl ClientConn {
-    fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.pending.closed().is_some()
     }
 
-    async fn call(&self, request: PeerRequest) -> Result<PeerResponse> {
+    pub(crate) async fn call(&self, request: PeerRequest) -> Result<PeerResponse> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = wire::encode_request(id, &request, self.peer_max_frame).map_err(|e| {
             Error::InvalidArgument(format!("request to peer {} cannot be sent: {e}", self.addr))
@@ -534,7 +534,7 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
 
 /// Runs the client handshake over any stream halves, then starts the
 /// connection's reader and writer tasks.
-async fn start_client<R, W>(
+pub(crate) async fn start_client<R, W>(
     mut r: R,
     mut w: W,
     addr: &str,
@@ -810,7 +810,9 @@ async fn serve_connection<R, W>(
     }
 }
 
-async fn serve<R, W>(
+/// Serves one incoming connection (handshake, then requests) over any
+/// stream halves until the client closes it: `Err` says why it broke.
+pub(crate) async fn serve<R, W>(
     mut r: R,
     mut w: W,
     peer: &str,

@@ -245,6 +245,17 @@ async fn two_nodes_with_their_own_certificates_talk_both_ways() {
 // ---------------------------------------------------------------------------
 // Mutual authentication
 
+/// A valid peer hello, as a client sends it first on a connection or lane.
+fn hello() -> bytes::Bytes {
+    let hello = Hello {
+        version: Version::CURRENT,
+        max_frame: wire::DEFAULT_MAX_FRAME,
+        cluster: None,
+        peer: None,
+    };
+    wire::encode_handshake(&Handshake::Hello(hello)).unwrap()
+}
+
 /// Connects over TCP with `config`, completes TLS if the server lets it, and
 /// sends a valid peer hello. Returns the client's port and whether the server
 /// answered the hello (rather than failing the handshake or closing).
@@ -255,16 +266,7 @@ async fn raw_tcp_tls(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, boo
     let Ok(mut s) = connector.connect(PeerTls::server_name(), tcp).await else {
         return (port, false);
     };
-    let hello = Hello {
-        version: Version::CURRENT,
-        max_frame: wire::DEFAULT_MAX_FRAME,
-        cluster: None,
-        peer: None,
-    };
-    if s.write_all(&wire::encode_handshake(&Handshake::Hello(hello)).unwrap())
-        .await
-        .is_err()
-    {
+    if s.write_all(&hello()).await.is_err() {
         return (port, false);
     }
     let mut buf = [0u8; 256];
@@ -274,11 +276,10 @@ async fn raw_tcp_tls(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, boo
     (port, matches!(read, Ok(n) if n > 0))
 }
 
-/// Opens a QUIC connection with `config` and sends a ping on a stream.
-/// Returns the client's port and whether a reply came back.
+/// Opens a QUIC connection with `config` and sends a valid peer hello on a
+/// stream. Returns the client's port and whether the hello was answered.
 async fn raw_quic(addr: &str, config: Arc<rustls::ClientConfig>) -> (u16, bool) {
-    let ping = wire::encode_request(1, &PeerRequest::Ping, wire::DEFAULT_MAX_FRAME).unwrap();
-    let (port, reply) = raw_quic_send(addr, config, &ping.to_vec()).await;
+    let (port, reply) = raw_quic_send(addr, config, &hello()).await;
     (port, reply.is_some_and(|r| !r.is_empty()))
 }
 
@@ -685,4 +686,40 @@ async fn quic_sends_a_4k_write_in_one_datagram_and_keeps_that_under_bulk_load() 
     let path = a.stats(&addr).expect("an open connection").path;
     assert_eq!(path.black_holes_detected, 0, "{path:?}");
     assert!(path.current_mtu >= FITS_4K, "{path:?}");
+}
+
+/// Calls on one QUIC connection spread over its lanes and run concurrently,
+/// and a peer that goes away with calls done is a clean close for the
+/// server, not a protocol error (its lanes end with the connection).
+#[tokio::test]
+async fn quic_lanes_carry_concurrent_calls_and_a_client_leaving_is_no_protocol_error() {
+    use futures::StreamExt;
+    let (log, _guard) = Log::capture();
+    let pki = Pki::new();
+    let server = quic(pki.node("server"));
+    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let at = l.local_addr();
+    let client = quic(pki.node("client"));
+    let replies: Vec<_> = futures::stream::iter(0..200)
+        .map(|_| client.call(&at, PeerRequest::Ping))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(replies.iter().all(|r| matches!(r, Ok(PeerResponse::Pong))));
+    // A stream per call would have made the server grant new streams.
+    let stats = client.stats(&at).expect("an open connection");
+    assert_eq!(stats.frame_rx.max_streams_bidi, 0, "{stats:?}");
+    drop(client);
+    // The server notices the close within its own time; give it a bounded while.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = quic(pki.node("other"));
+    assert_eq!(
+        other.call(&at, PeerRequest::Ping).await.unwrap(),
+        PeerResponse::Pong
+    );
+    let text = log.text();
+    assert!(
+        !text.contains("closing peer connection"),
+        "a client leaving was logged as a protocol error:\n{text}"
+    );
 }
