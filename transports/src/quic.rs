@@ -6,8 +6,9 @@
 //! *lanes* ([`QuicOptions::lanes`]). Each lane is run exactly like one TCP
 //! peer connection, by the same code (`crate::tcp`): the TRSP handshake,
 //! then multiplexed request frames matched to replies by id, one writer per
-//! side that batches frames, and at most `max_in_flight` requests running
-//! per lane (the back-pressure on a sender). Calls spread over the lanes.
+//! side that batches frames. At most `max_in_flight` requests run per
+//! connection, shared by its lanes (a lane with none free is not read: the
+//! back-pressure on a sender). Calls spread over the lanes.
 //!
 //! Why lanes and not one stream per request (the first design): a stream
 //! per request paid for opening, finishing and acknowledging a stream, and
@@ -22,7 +23,7 @@
 //! QUIC handshake, before any stream is accepted, and logged with the peer's
 //! address. Each new connection takes the current certificates, so a reload
 //! applies to new connections while open ones keep running. The ALPN
-//! protocol id [`crate::tls::ALPN`] and the TRSP handshake on every lane
+//! protocol id ([`ALPN`], QUIC's own) and the TRSP handshake on every lane
 //! agree on the protocol version.
 //!
 //! **Failures.** A broken connection or lane fails every call on it with
@@ -41,6 +42,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use torus_traits::{
@@ -59,7 +61,8 @@ pub struct QuicOptions {
     pub request_timeout: Duration,
     /// Largest frame (length-prefix value) either side sends or accepts.
     pub max_frame: u32,
-    /// Requests one peer may have running at once on each lane.
+    /// Requests one peer may have running at once on a connection (over
+    /// all its lanes).
     pub max_in_flight: u32,
     /// Streams each connection carries calls on (see the module docs), at
     /// most [`MAX_LANES`].
@@ -174,6 +177,13 @@ impl quinn::AsyncUdpSocket for GsoCapped {
     }
 }
 
+/// The ALPN protocol id of the peer protocol over QUIC. Version 1 ran a
+/// stream per request; 2 runs lanes. Nodes of the two cannot talk, and the
+/// id makes that a clear TLS handshake failure (no common application
+/// protocol, logged by both) rather than a stream neither side can read.
+/// TCP+TLS keeps [`crate::tls::ALPN`]: its protocol did not change.
+pub const ALPN: &[u8] = b"torus-quic/2";
+
 /// Lanes per connection by default (see the module docs).
 pub const DEFAULT_LANES: usize = 2;
 /// Most lanes one connection may carry: the stream limit each side grants.
@@ -215,10 +225,12 @@ impl QuicOptions {
         )
     }
 
-    fn transport_config(&self) -> Arc<quinn::TransportConfig> {
+    /// quinn's settings; `server`: for accepting connections (only a
+    /// server lets its peer open streams: the lanes).
+    fn transport_config(&self, server: bool) -> Arc<quinn::TransportConfig> {
         let mut t = quinn::TransportConfig::default();
-        // A peer may open this many lanes; the client opens `lanes`.
-        t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_LANES as u32));
+        let lanes = if server { MAX_LANES as u32 } else { 0 };
+        t.max_concurrent_bidi_streams(VarInt::from_u32(lanes));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         // Chunk-sized payloads: let a stream and the connection carry several
         // MiB in flight, so one round trip does not cap throughput.
@@ -236,18 +248,22 @@ impl QuicOptions {
     }
 
     fn client_config(&self) -> Result<quinn::ClientConfig> {
-        let crypto = QuicClientConfig::try_from(self.tls.client_config())
+        let mut tls = (*self.tls.client_config()).clone();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| Error::InvalidArgument(format!("peer TLS for QUIC: {e}")))?;
         let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-        c.transport_config(self.transport_config());
+        c.transport_config(self.transport_config(false));
         Ok(c)
     }
 
     fn server_config(&self) -> Result<Arc<quinn::ServerConfig>> {
-        let crypto = QuicServerConfig::try_from(self.tls.server_config())
+        let mut tls = (*self.tls.server_config()).clone();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(Arc::new(tls))
             .map_err(|e| Error::InvalidArgument(format!("peer TLS for QUIC: {e}")))?;
         let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        s.transport_config(self.transport_config());
+        s.transport_config(self.transport_config(true));
         Ok(Arc::new(s))
     }
 }
@@ -562,11 +578,15 @@ async fn accept_connection(
     // Dropping the set (the connection ends or the listener is dropped)
     // aborts the lanes still running.
     let mut lanes = JoinSet::new();
+    // `max_in_flight` bounds the requests running for the whole connection,
+    // however many lanes the peer opens.
+    let slots = Arc::new(Semaphore::new(lane_opts.max_in_flight));
     let reason = loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => {
-                    lanes.spawn(serve_lane(send, recv, handler.clone(), conn.clone(), peer, lane_opts.clone()));
+                Ok(lane) => {
+                    let (h, c, o, s) = (handler.clone(), conn.clone(), lane_opts.clone(), slots.clone());
+                    lanes.spawn(serve_lane(lane, h, c, peer, o, s));
                 }
                 Err(e) => break e,
             },
@@ -579,14 +599,14 @@ async fn accept_connection(
 /// Serves one lane like a TCP peer connection. Bytes that are not the
 /// protocol close the whole QUIC connection, with a warning.
 async fn serve_lane(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
     handler: Arc<dyn PeerHandler>,
     conn: Connection,
     peer: SocketAddr,
     opts: Arc<TcpOptions>,
+    slots: Arc<Semaphore>,
 ) {
-    match tcp::serve(recv, send, &peer.to_string(), handler, &opts).await {
+    match tcp::serve(recv, send, &peer.to_string(), handler, &opts, slots).await {
         Ok(()) => debug!(%peer, "QUIC lane closed by the peer"),
         // The connection went away (closed, timed out): not this lane's doing.
         Err(reason) if conn.close_reason().is_some() => {

@@ -804,20 +804,24 @@ async fn serve_connection<R, W>(
 {
     stats.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(stats);
-    match serve(r, w, &peer, handler, &opts).await {
+    let slots = Arc::new(Semaphore::new(opts.max_in_flight));
+    match serve(r, w, &peer, handler, &opts, slots).await {
         Ok(()) => debug!(%peer, "peer connection closed"),
         Err(reason) => warn!(%peer, %reason, "closing peer connection"),
     }
 }
 
 /// Serves one incoming connection (handshake, then requests) over any
-/// stream halves until the client closes it: `Err` says why it broke.
+/// stream halves until the client closes it: `Err` says why it broke. A
+/// request runs only with one of `slots` (usually `max_in_flight` for this
+/// connection alone; QUIC's lanes share one set per connection).
 pub(crate) async fn serve<R, W>(
     mut r: R,
     mut w: W,
     peer: &str,
     handler: Arc<dyn PeerHandler>,
     opts: &TcpOptions,
+    slots: Arc<Semaphore>,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -857,7 +861,6 @@ where
     let peer_max = hello.max_frame;
     let (replies, rx) = mpsc::channel(opts.max_in_flight);
     let mut writer = AbortOnDrop(tokio::spawn(write_frames(w, rx)));
-    let slots = Arc::new(Semaphore::new(opts.max_in_flight));
     // Dropping the set (the connection ends or the listener is dropped) aborts
     // the handlers still running.
     let mut tasks = JoinSet::new();

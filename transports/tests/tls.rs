@@ -3,7 +3,9 @@
 //! CA (logging its address) and accepts a correct one, plain TCP to a TLS
 //! port fails cleanly, reloaded certificates apply to new connections
 //! while open ones keep running, and QUIC carries a 4 KiB write in one
-//! datagram on a path that allows it, also under bulk load.
+//! datagram on a path that allows it, also under bulk load, runs calls on
+//! lanes with `max_in_flight` bounding a whole connection, and refuses the
+//! first QUIC protocol during the handshake.
 
 use rustls::pki_types::pem::PemObject;
 use std::path::{Path, PathBuf};
@@ -245,15 +247,19 @@ async fn two_nodes_with_their_own_certificates_talk_both_ways() {
 // ---------------------------------------------------------------------------
 // Mutual authentication
 
-/// A valid peer hello, as a client sends it first on a connection or lane.
-fn hello() -> bytes::Bytes {
-    let hello = Hello {
+/// What a node with default settings says in its handshake.
+fn default_hello() -> Hello {
+    Hello {
         version: Version::CURRENT,
         max_frame: wire::DEFAULT_MAX_FRAME,
         cluster: None,
         peer: None,
-    };
-    wire::encode_handshake(&Handshake::Hello(hello)).unwrap()
+    }
+}
+
+/// A valid peer hello, as a client sends it first on a connection or lane.
+fn hello() -> bytes::Bytes {
+    wire::encode_handshake(&Handshake::Hello(default_hello())).unwrap()
 }
 
 /// Connects over TCP with `config`, completes TLS if the server lets it, and
@@ -290,7 +296,19 @@ async fn raw_quic_send(
     config: Arc<rustls::ClientConfig>,
     bytes: &[u8],
 ) -> (u16, Option<Vec<u8>>) {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    raw_quic_send_as(torus_transports::quic::ALPN, addr, config, bytes).await
+}
+
+/// `raw_quic_send` offering `alpn` as the application protocol.
+async fn raw_quic_send_as(
+    alpn: &[u8],
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    bytes: &[u8],
+) -> (u16, Option<Vec<u8>>) {
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = endpoint.local_addr().unwrap().port();
     let attempt = async {
@@ -565,15 +583,23 @@ async fn junk_on_a_quic_stream_closes_only_that_connection_with_a_warning() {
         .to_vec();
     let mut over_limit = vec![0xff; 4];
     over_limit.extend_from_slice(&[0; 16]);
+    let accept = wire::encode_handshake(&Handshake::Accept(default_hello())).unwrap();
+    // Junk instead of the hello, and after a valid hello.
+    let after_hello = |junk: &[u8]| [&hello()[..], junk].concat();
     for junk in [
-        &b"GET / HTTP/1.1\r\n\r\n"[..],
-        &reply[..],
-        &over_limit[..],
-        &[][..],
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        reply.clone(),
+        over_limit.clone(),
+        vec![],
+        after_hello(b"GET / HTTP/1.1\r\n\r\n"),
+        after_hello(&reply),
+        after_hello(&over_limit),
+        after_hello(&over_limit[..6]),
     ] {
-        let (port, answer) = raw_quic_send(&at, config.clone(), junk).await;
+        let (port, answer) = raw_quic_send(&at, config.clone(), &junk).await;
+        // A valid hello is accepted; nothing after it is.
         assert!(
-            answer.is_none_or(|a| a.is_empty()),
+            answer.is_none_or(|a| a.is_empty() || a == accept),
             "junk {junk:?} got an answer"
         );
         let needle = format!("127.0.0.1:{port}");
@@ -722,4 +748,79 @@ async fn quic_lanes_carry_concurrent_calls_and_a_client_leaving_is_no_protocol_e
         !text.contains("closing peer connection"),
         "a client leaving was logged as a protocol error:\n{text}"
     );
+}
+
+/// A node of the first QUIC protocol (a stream per request, protocol id
+/// `torus-peer/1`) is refused during the TLS handshake, with a warning
+/// naming it, instead of sending requests this node would read as junk.
+#[tokio::test]
+async fn quic_refuses_the_first_protocol_version_during_the_handshake() {
+    let (log, _guard) = Log::capture();
+    let pki = Pki::new();
+    let server = quic(pki.node("server"));
+    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let at = l.local_addr();
+    let config = PeerTls::load(pki.node("old")).unwrap().client_config();
+    let (port, answer) = raw_quic_send_as(b"torus-peer/1", &at, config, &hello()).await;
+    assert!(answer.is_none(), "an old node was served: {answer:?}");
+    let needle = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if log.text().contains(&needle) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = log.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("refusing peer connection") && l.contains(&needle)),
+        "no refusal naming {needle}:\n{text}"
+    );
+}
+
+/// Counts the requests running at once, each for a while.
+#[derive(Default)]
+struct Slow {
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl PeerHandler for Slow {
+    async fn handle(&self, _: PeerRequest) -> Result<PeerResponse> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.running.fetch_sub(1, SeqCst);
+        Ok(PeerResponse::Pong)
+    }
+}
+
+/// `max_in_flight` bounds the requests a peer runs on one connection, over
+/// all the lanes it opens (not per lane).
+#[tokio::test]
+async fn quic_max_in_flight_bounds_a_whole_connection_over_its_lanes() {
+    use futures::StreamExt;
+    let pki = Pki::new();
+    let server = QuicTransport::new(QuicOptions {
+        max_in_flight: 4,
+        ..QuicOptions::new(PeerTls::load(pki.node("server")).unwrap())
+    });
+    let slow = Arc::new(Slow::default());
+    let l = server.bind("127.0.0.1:0", slow.clone()).await.unwrap();
+    let at = l.local_addr();
+    let client = QuicTransport::new(QuicOptions {
+        lanes: torus_transports::quic::MAX_LANES,
+        ..QuicOptions::new(PeerTls::load(pki.node("client")).unwrap())
+    });
+    let replies: Vec<_> = futures::stream::iter(0..40)
+        .map(|_| client.call(&at, PeerRequest::Ping))
+        .buffer_unordered(40)
+        .collect()
+        .await;
+    assert!(replies.iter().all(|r| matches!(r, Ok(PeerResponse::Pong))));
+    let most = slow.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most <= 4, "{most} requests ran at once on one connection");
+    assert!(most >= 2, "calls did not run concurrently ({most})");
 }
