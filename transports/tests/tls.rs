@@ -20,7 +20,9 @@ use torus_traits::{
 };
 use torus_transports::tls::{self, CertPem};
 use torus_transports::wire::{self, Handshake, Hello, Version};
-use torus_transports::{PeerTls, QuicOptions, QuicTransport, TcpOptions, TcpTransport, TlsFiles};
+use torus_transports::{
+    PeerTls, QuicOptions, QuicPeerListener, QuicTransport, TcpOptions, TcpTransport, TlsFiles,
+};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -116,6 +118,14 @@ fn tcp_tls(files: TlsFiles) -> TcpTransport {
     })
 }
 
+/// A QUIC node answering pings: the transport, its listener and address.
+async fn quic_pong_server(pki: &Pki) -> (QuicTransport, QuicPeerListener, String) {
+    let server = quic(pki.node("server"));
+    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
+    let at = l.local_addr();
+    (server, l, at)
+}
+
 fn quic(files: TlsFiles) -> QuicTransport {
     QuicTransport::new(QuicOptions {
         connect_timeout: Duration::from_secs(3),
@@ -156,18 +166,26 @@ impl Log {
 
     /// Waits (up to 5 s) for a refusal warning naming `port` on loopback.
     async fn expect_refusal_of(&self, port: u16, what: &str) {
+        self.expect_warning("refusing peer connection", port, what)
+            .await
+    }
+
+    /// Waits (up to 5 s) for a warning saying `phrase` and naming `port`
+    /// on loopback.
+    async fn expect_warning(&self, phrase: &str, port: u16, what: &str) {
         let needle = format!("127.0.0.1:{port}");
         for _ in 0..100 {
             let text = self.text();
-            if text.lines().any(|l| {
-                l.contains("WARN") && l.contains("refusing peer connection") && l.contains(&needle)
-            }) {
+            if text
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains(phrase) && l.contains(&needle))
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!(
-            "{what}: no refusal logged with the peer address {needle}; log:\n{}",
+            "{what}: no {phrase:?} warning with the peer address {needle}; log:\n{}",
             self.text()
         );
     }
@@ -569,9 +587,7 @@ fn missing_or_bad_files_are_errors_naming_the_file() {
 async fn junk_on_a_quic_stream_closes_only_that_connection_with_a_warning() {
     let (log, _guard) = Log::capture();
     let pki = Pki::new();
-    let server = quic(pki.node("server"));
-    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
-    let at = l.local_addr();
+    let (_server, _listener, at) = quic_pong_server(&pki).await;
     let client = quic(pki.node("client"));
     assert_eq!(
         client.call(&at, PeerRequest::Ping).await.unwrap(),
@@ -602,20 +618,8 @@ async fn junk_on_a_quic_stream_closes_only_that_connection_with_a_warning() {
             answer.is_none_or(|a| a.is_empty() || a == accept),
             "junk {junk:?} got an answer"
         );
-        let needle = format!("127.0.0.1:{port}");
-        for _ in 0..100 {
-            if log.text().contains(&needle) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(
-            log.text()
-                .lines()
-                .any(|l| l.contains("closing peer connection") && l.contains(&needle)),
-            "junk {junk:?}: no warning naming {needle}:\n{}",
-            log.text()
-        );
+        log.expect_warning("closing peer connection", port, &format!("junk {junk:?}"))
+            .await;
     }
     // Other connections carry on.
     assert_eq!(
@@ -722,9 +726,7 @@ async fn quic_lanes_carry_concurrent_calls_and_a_client_leaving_is_no_protocol_e
     use futures::StreamExt;
     let (log, _guard) = Log::capture();
     let pki = Pki::new();
-    let server = quic(pki.node("server"));
-    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
-    let at = l.local_addr();
+    let (_server, _listener, at) = quic_pong_server(&pki).await;
     let client = quic(pki.node("client"));
     let replies: Vec<_> = futures::stream::iter(0..200)
         .map(|_| client.call(&at, PeerRequest::Ping))
@@ -757,25 +759,11 @@ async fn quic_lanes_carry_concurrent_calls_and_a_client_leaving_is_no_protocol_e
 async fn quic_refuses_the_first_protocol_version_during_the_handshake() {
     let (log, _guard) = Log::capture();
     let pki = Pki::new();
-    let server = quic(pki.node("server"));
-    let l = server.bind("127.0.0.1:0", Arc::new(Pong)).await.unwrap();
-    let at = l.local_addr();
+    let (_server, _listener, at) = quic_pong_server(&pki).await;
     let config = PeerTls::load(pki.node("old")).unwrap().client_config();
     let (port, answer) = raw_quic_send_as(b"torus-peer/1", &at, config, &hello()).await;
     assert!(answer.is_none(), "an old node was served: {answer:?}");
-    let needle = format!("127.0.0.1:{port}");
-    for _ in 0..100 {
-        if log.text().contains(&needle) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let text = log.text();
-    assert!(
-        text.lines()
-            .any(|l| l.contains("refusing peer connection") && l.contains(&needle)),
-        "no refusal naming {needle}:\n{text}"
-    );
+    log.expect_refusal_of(port, "a torus-peer/1 client").await;
 }
 
 /// Counts the requests running at once, each for a while.
