@@ -27,8 +27,8 @@
 //! agree on the protocol version.
 //!
 //! **Failures.** A broken connection or lane fails every call on it with
-//! `Unavailable`; the connection is then closed and dropped from the cache,
-//! and the next call dials anew. Bytes on a lane that are not the protocol
+//! `Unavailable`; a broken lane closes its connection at once, the link is
+//! dropped from the cache, and the next call dials anew. Bytes on a lane that are not the protocol
 //! close that QUIC connection (all its lanes) with a warning naming the peer.
 
 use crate::tcp::{self, ClientConn, TcpOptions};
@@ -452,7 +452,12 @@ impl QuicTransport {
             let (send, recv) = conn.open_bi().await.map_err(|e| {
                 Error::Unavailable(format!("cannot open a stream to peer at {addr}: {e}"))
             })?;
-            tcp::start_client(recv, send, addr, lane_opts).await
+            // A lane that breaks takes its connection down at once, so
+            // no half-broken connection lingers until the next call.
+            let conn = conn.clone();
+            let on_broken: tcp::OnBroken =
+                Box::new(move || conn.close(VarInt::from_u32(1), b"lane broken"));
+            tcp::start_client(recv, send, addr, lane_opts, Some(on_broken)).await
         });
         let lanes = match futures::future::try_join_all(lanes).await {
             Ok(lanes) => lanes,

@@ -407,7 +407,12 @@ pub(crate) struct ClientConn {
 #[derive(Default)]
 struct Pending {
     state: Mutex<PendingState>,
+    /// Run once when the connection breaks (see [`start_client`]).
+    on_broken: Mutex<Option<OnBroken>>,
 }
+
+/// What to do when a client connection breaks, besides failing its calls.
+pub(crate) type OnBroken = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct PendingState {
@@ -450,6 +455,10 @@ impl Pending {
         };
         for (_, tx) in waiters {
             let _ = tx.send(Err(e.clone()));
+        }
+        let on_broken = lock(&self.on_broken).take();
+        if let Some(f) = on_broken {
+            f();
         }
     }
 
@@ -518,7 +527,7 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
     }
     let Some(tls) = &opts.tls else {
         let (r, w) = stream.into_split();
-        return start_client(r, w, addr, opts).await;
+        return start_client(r, w, addr, opts, None).await;
     };
     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
     let stream = crate::bounded(
@@ -529,16 +538,19 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
     )
     .await?;
     let (r, w) = tokio::io::split(stream);
-    start_client(r, w, addr, opts).await
+    start_client(r, w, addr, opts, None).await
 }
 
 /// Runs the client handshake over any stream halves, then starts the
-/// connection's reader and writer tasks.
+/// connection's reader and writer tasks. `on_broken` runs once when the
+/// connection breaks (a read or write fails, the peer closes it, or it
+/// breaks the protocol), after its waiting calls have failed.
 pub(crate) async fn start_client<R, W>(
     mut r: R,
     mut w: W,
     addr: &str,
     opts: &Arc<TcpOptions>,
+    on_broken: Option<OnBroken>,
 ) -> Result<ClientConn>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -586,7 +598,10 @@ where
         return Err(Error::Unavailable(format!("peer at {addr}: {reason}")));
     }
 
-    let pending = Arc::new(Pending::default());
+    let pending = Arc::new(Pending {
+        on_broken: Mutex::new(on_broken),
+        ..Pending::default()
+    });
     let (queue, rx) = mpsc::channel(opts.max_in_flight);
     let reader = tokio::spawn(client_reader(
         FrameReader::new(r, buf, opts.max_frame),

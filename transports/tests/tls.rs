@@ -4,8 +4,9 @@
 //! port fails cleanly, reloaded certificates apply to new connections
 //! while open ones keep running, and QUIC carries a 4 KiB write in one
 //! datagram on a path that allows it, also under bulk load, runs calls on
-//! lanes with `max_in_flight` bounding a whole connection, and refuses the
-//! first QUIC protocol during the handshake.
+//! lanes with `max_in_flight` bounding a whole connection, closes a
+//! connection whose lane broke, and refuses the first QUIC protocol during
+//! the handshake.
 
 use rustls::pki_types::pem::PemObject;
 use std::path::{Path, PathBuf};
@@ -811,4 +812,46 @@ async fn quic_max_in_flight_bounds_a_whole_connection_over_its_lanes() {
     let most = slow.most.load(std::sync::atomic::Ordering::SeqCst);
     assert!(most <= 4, "{most} requests ran at once on one connection");
     assert!(most >= 2, "calls did not run concurrently ({most})");
+}
+
+/// A lane that breaks on the client side (its peer sent junk) closes the
+/// QUIC connection at once, not at the next call to that peer.
+#[tokio::test]
+async fn a_quic_lane_broken_by_its_peer_closes_the_connection_at_once() {
+    let pki = Pki::new();
+    let mut tls = (*PeerTls::load(pki.node("fake")).unwrap().server_config()).clone();
+    tls.alpn_protocols = vec![torus_transports::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let at = endpoint.local_addr().unwrap().to_string();
+    // A fake peer: accepts both lanes' hellos, then sends junk on the first.
+    let fake = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let accept = wire::encode_handshake(&Handshake::Accept(default_hello())).unwrap();
+        let mut lanes = Vec::new();
+        for _ in 0..torus_transports::quic::DEFAULT_LANES {
+            let (mut send, recv) = conn.accept_bi().await.unwrap();
+            send.write_all(&accept).await.unwrap();
+            lanes.push((send, recv));
+        }
+        lanes[0]
+            .0
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let closed = timeout(Duration::from_secs(2), conn.closed()).await.is_ok();
+        (closed, endpoint)
+    });
+    let client = QuicTransport::new(QuicOptions {
+        request_timeout: Duration::from_millis(500),
+        ..QuicOptions::new(PeerTls::load(pki.node("client")).unwrap())
+    });
+    // The call fails (junk, or no answer from the fake); nothing calls again.
+    assert!(client.call(&at, PeerRequest::Ping).await.is_err());
+    let (closed, _endpoint) = fake.await.unwrap();
+    assert!(
+        closed,
+        "the client kept a connection with a broken lane open"
+    );
 }
