@@ -28,8 +28,9 @@
 //!
 //! **Failures.** A broken connection or lane fails every call on it with
 //! `Unavailable`; a broken lane closes its connection at once, the link is
-//! dropped from the cache, and the next call dials anew. Bytes on a lane that are not the protocol
-//! close that QUIC connection (all its lanes) with a warning naming the peer.
+//! dropped from the cache, and the next call dials anew. Bytes on a lane
+//! that are not the protocol close that QUIC connection (all its lanes)
+//! with a warning naming the peer.
 
 use crate::tcp::{self, ClientConn, TcpOptions};
 use crate::tls::PeerTls;
@@ -378,6 +379,7 @@ impl QuicTransport {
             endpoint.clone(),
             handler,
             self.inner.opts.clone(),
+            self.inner.lane_opts.clone(),
         ));
         debug!(%local, "QUIC peer listener started");
         Ok(QuicPeerListener {
@@ -525,8 +527,12 @@ impl Drop for QuicPeerListener {
     }
 }
 
-async fn accept_loop(endpoint: Endpoint, handler: Arc<dyn PeerHandler>, opts: QuicOptions) {
-    let lane_opts = opts.lane_options();
+async fn accept_loop(
+    endpoint: Endpoint,
+    handler: Arc<dyn PeerHandler>,
+    opts: QuicOptions,
+    lane_opts: Arc<TcpOptions>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {

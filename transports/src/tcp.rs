@@ -935,10 +935,7 @@ where
 }
 
 /// Runs the handler; a panic becomes an `Unavailable` reply.
-pub(crate) async fn handle_request(
-    handler: &dyn PeerHandler,
-    request: PeerRequest,
-) -> Result<PeerResponse> {
+async fn handle_request(handler: &dyn PeerHandler, request: PeerRequest) -> Result<PeerResponse> {
     AssertUnwindSafe(handler.handle(request))
         .catch_unwind()
         .await
@@ -946,11 +943,7 @@ pub(crate) async fn handle_request(
 }
 
 /// Encodes a reply; one too large for the peer becomes an error reply.
-pub(crate) fn encode_reply(
-    id: u64,
-    result: Result<PeerResponse>,
-    peer_max: u32,
-) -> Option<Encoded> {
+fn encode_reply(id: u64, result: Result<PeerResponse>, peer_max: u32) -> Option<Encoded> {
     match wire::encode_response(id, &result, peer_max) {
         Ok(frame) => Some(frame),
         Err(e) => {

@@ -719,9 +719,10 @@ async fn quic_sends_a_4k_write_in_one_datagram_and_keeps_that_under_bulk_load() 
     assert!(path.current_mtu >= FITS_4K, "{path:?}");
 }
 
-/// Calls on one QUIC connection spread over its lanes and run concurrently,
-/// and a peer that goes away with calls done is a clean close for the
-/// server, not a protocol error (its lanes end with the connection).
+/// Concurrent calls on one QUIC connection run on its lanes, with no
+/// stream opened per call, and a peer that goes away with calls done is a
+/// clean close for the server, not a protocol error (its lanes end with the
+/// connection).
 #[tokio::test]
 async fn quic_lanes_carry_concurrent_calls_and_a_client_leaving_is_no_protocol_error() {
     use futures::StreamExt;
