@@ -32,6 +32,7 @@ use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use futures::FutureExt;
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -343,41 +344,72 @@ async fn read_handshake<R: AsyncRead + Unpin>(
     }
 }
 
+/// Where a connection's writer puts its frames. A byte stream (TCP, TLS)
+/// writes them through a buffer ([`Buffered`]); a QUIC stream takes the
+/// frames' buffers as they are (`crate::quic`), so payloads are not copied.
+pub(crate) trait FrameSink: Send + 'static {
+    /// The stream the connection's handshake is written to.
+    type Io: AsyncWrite + Unpin + Send + 'static;
+    /// The sink writing to `io` once the handshake is done.
+    fn new(io: Self::Io) -> Self;
+    /// Queues a frame; may write when enough is queued.
+    fn push(&mut self, frame: Encoded) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes everything queued.
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes everything queued and closes the write side.
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A byte stream's sink: frames are copied into a buffer of `WRITE_BUFFER`
+/// bytes; payloads at least that large go straight to the stream.
+pub(crate) struct Buffered<W>(BufWriter<W>);
+
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for Buffered<W> {
+    type Io = W;
+
+    fn new(io: W) -> Self {
+        Buffered(BufWriter::with_capacity(WRITE_BUFFER, io))
+    }
+
+    async fn push(&mut self, frame: Encoded) -> io::Result<()> {
+        self.0.write_all(frame.head()).await?;
+        if !frame.payload().is_empty() {
+            self.0.write_all(frame.payload()).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
 /// The one writer of a connection: writes queued frames, head then payload,
 /// and flushes when the queue runs dry, so replies that finish together share
-/// a segment. Payloads of `WRITE_BUFFER` bytes or more go straight to the
-/// socket without being copied into the buffer.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    io: W,
+/// a segment (or a packet).
+async fn write_frames<S: FrameSink>(
+    mut out: S,
     mut queue: mpsc::Receiver<Encoded>,
 ) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, io);
     while let Some(frame) = queue.recv().await {
-        write_frame(&mut out, &frame).await?;
+        out.push(frame).await?;
         while let Ok(frame) = queue.try_recv() {
-            write_frame(&mut out, &frame).await?;
+            out.push(frame).await?;
         }
         // Let tasks that are already runnable queue their frames first (a
         // woken task runs right after its waker, so without this each frame
         // would cost its own send).
         tokio::task::yield_now().await;
         while let Ok(frame) = queue.try_recv() {
-            write_frame(&mut out, &frame).await?;
+            out.push(frame).await?;
         }
         out.flush().await?;
     }
     out.shutdown().await
-}
-
-async fn write_frame<W: AsyncWrite + Unpin>(
-    out: &mut BufWriter<W>,
-    frame: &Encoded,
-) -> io::Result<()> {
-    out.write_all(frame.head()).await?;
-    if !frame.payload().is_empty() {
-        out.write_all(frame.payload()).await?;
-    }
-    Ok(())
 }
 
 /// Aborts a task when dropped, so a connection's tasks die with it.
@@ -527,7 +559,7 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
     }
     let Some(tls) = &opts.tls else {
         let (r, w) = stream.into_split();
-        return start_client(r, w, addr, opts, None).await;
+        return start_client::<_, Buffered<_>>(r, w, addr, opts, None).await;
     };
     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
     let stream = crate::bounded(
@@ -538,23 +570,23 @@ async fn connect(addr: &str, opts: &Arc<TcpOptions>) -> Result<ClientConn> {
     )
     .await?;
     let (r, w) = tokio::io::split(stream);
-    start_client(r, w, addr, opts, None).await
+    start_client::<_, Buffered<_>>(r, w, addr, opts, None).await
 }
 
 /// Runs the client handshake over any stream halves, then starts the
 /// connection's reader and writer tasks. `on_broken` runs once when the
 /// connection breaks (a read or write fails, the peer closes it, or it
 /// breaks the protocol), after its waiting calls have failed.
-pub(crate) async fn start_client<R, W>(
+pub(crate) async fn start_client<R, S>(
     mut r: R,
-    mut w: W,
+    mut w: S::Io,
     addr: &str,
     opts: &Arc<TcpOptions>,
     on_broken: Option<OnBroken>,
 ) -> Result<ClientConn>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: FrameSink,
 {
     let hello = wire::encode_handshake(&Handshake::Hello(opts.hello()))
         .map_err(|e| Error::InvalidArgument(format!("cannot encode handshake: {e}")))?;
@@ -612,7 +644,7 @@ where
         let pending = pending.clone();
         let addr = addr.to_string();
         tokio::spawn(async move {
-            if let Err(e) = write_frames(w, rx).await {
+            if let Err(e) = write_frames(S::new(w), rx).await {
                 pending.fail_all(Error::Unavailable(format!(
                     "connection to peer {addr} lost: write failed: {e}"
                 )));
@@ -820,7 +852,7 @@ async fn serve_connection<R, W>(
     stats.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(stats);
     let slots = Arc::new(Semaphore::new(opts.max_in_flight));
-    match serve(r, w, &peer, handler, &opts, slots).await {
+    match serve::<_, Buffered<_>>(r, w, &peer, handler, &opts, slots).await {
         Ok(()) => debug!(%peer, "peer connection closed"),
         Err(reason) => warn!(%peer, %reason, "closing peer connection"),
     }
@@ -830,9 +862,9 @@ async fn serve_connection<R, W>(
 /// stream halves until the client closes it: `Err` says why it broke. A
 /// request runs only with one of `slots` (usually `max_in_flight` for this
 /// connection alone; QUIC's lanes share one set per connection).
-pub(crate) async fn serve<R, W>(
+pub(crate) async fn serve<R, S>(
     mut r: R,
-    mut w: W,
+    mut w: S::Io,
     peer: &str,
     handler: Arc<dyn PeerHandler>,
     opts: &TcpOptions,
@@ -840,7 +872,7 @@ pub(crate) async fn serve<R, W>(
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: FrameSink,
 {
     // Handshake.
     let mut buf = BytesMut::new();
@@ -875,7 +907,7 @@ where
     // Requests.
     let peer_max = hello.max_frame;
     let (replies, rx) = mpsc::channel(opts.max_in_flight);
-    let mut writer = AbortOnDrop(tokio::spawn(write_frames(w, rx)));
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(S::new(w), rx)));
     // Dropping the set (the connection ends or the listener is dropped) aborts
     // the handlers still running.
     let mut tasks = JoinSet::new();
