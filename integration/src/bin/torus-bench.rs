@@ -127,6 +127,11 @@ struct Args {
     /// Leave out the rebuild run (four nodes, one killed; --size of data).
     #[arg(long)]
     skip_rebuild: bool,
+    /// Measure every server this many times, in alternating order (as
+    /// listed, then reversed, ...); the table shows each figure's median
+    /// and each ratio's median over the rounds, with its range.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 fn parse_size(s: &str) -> Res<u64> {
@@ -325,6 +330,7 @@ impl Outcome {
 }
 
 /// Everything measured on one server.
+#[derive(Clone)]
 struct ServerResult {
     kind: Kind,
     outcomes: BTreeMap<&'static str, Outcome>,
@@ -1564,7 +1570,127 @@ const RATIOS: [(Kind, Kind, &str); 5] = [
     (Kind::TorusdLarge, Kind::Torusd, "large/R1"),
 ];
 
-fn markdown(results: &[ServerResult], header: &str) -> String {
+/// The header's sentence on rounds (none for a single round).
+fn rounds_note(rounds: usize) -> String {
+    if rounds > 1 {
+        format!(
+            " {rounds} rounds, servers in alternating order: each figure is the median over \
+             the rounds, each ratio the median of the rounds' own ratios, with their range."
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// The servers' results over all rounds, one per server: a workload's
+/// figures are medians over the rounds that measured it (each field on its
+/// own); a failure in any round stays a failure.
+fn merge_rounds(rounds: &[Vec<ServerResult>]) -> Vec<ServerResult> {
+    let mut kinds: Vec<Kind> = rounds.iter().flatten().map(|r| r.kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let runs: Vec<(usize, &ServerResult)> = rounds
+                .iter()
+                .enumerate()
+                .filter_map(|(i, round)| round.iter().find(|r| r.kind == kind).map(|r| (i, r)))
+                .collect();
+            if let [(_, only)] = runs[..] {
+                return only.clone();
+            }
+            let mut merged = ServerResult::new(kind);
+            for (i, r) in &runs {
+                let round = i + 1;
+                if merged.error.is_none() {
+                    merged.error = r.error.as_ref().map(|e| format!("round {round}: {e}"));
+                }
+                merged.multi_conn = merged.multi_conn.or(r.multi_conn);
+                if merged.prefill.is_none() {
+                    merged.prefill = r.prefill.clone();
+                }
+                for (rss, theirs) in [
+                    (&mut merged.rss, &r.rss),
+                    (&mut merged.helper_rss, &r.helper_rss),
+                ] {
+                    for (name, mib) in theirs {
+                        match rss.iter_mut().find(|(n, _)| n == name) {
+                            Some((_, peak)) => *peak = peak.max(*mib),
+                            None => rss.push((name.clone(), *mib)),
+                        }
+                    }
+                }
+                let warnings = r.warnings.iter().map(|w| format!("round {round}: {w}"));
+                merged.warnings.extend(warnings);
+            }
+            for w in &WORKLOADS {
+                let outcomes: Vec<&Outcome> = runs
+                    .iter()
+                    .filter_map(|(_, r)| r.outcomes.get(w.id))
+                    .collect();
+                let failed = outcomes.iter().find(|o| matches!(o, Outcome::Failed(_)));
+                let done: Vec<&Figures> = outcomes
+                    .iter()
+                    .filter_map(|o| match o {
+                        Outcome::Done(f) => Some(f),
+                        _ => None,
+                    })
+                    .collect();
+                let outcome = match (failed, outcomes.first()) {
+                    (Some(&failed), _) => failed.clone(),
+                    _ if !done.is_empty() => Outcome::Done(median_figures(&done)),
+                    (None, Some(&first)) => first.clone(),
+                    (None, None) => continue,
+                };
+                merged.outcomes.insert(w.id, outcome);
+            }
+            merged
+        })
+        .collect()
+}
+
+/// Each field's median over several measurements of one workload.
+fn median_figures(runs: &[&Figures]) -> Figures {
+    let median = |f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+        quantile(&mut v, 0.5)
+    };
+    Figures {
+        bw_bytes: median(|f| f.bw_bytes),
+        iops: median(|f| f.iops),
+        io_bytes: median(|f| f.io_bytes as f64) as u64,
+        clat_mean_us: median(|f| f.clat_mean_us),
+        clat_p99_us: median(|f| f.clat_p99_us),
+    }
+}
+
+/// Server `a`'s figure over server `b`'s in each round that measured both.
+fn round_ratios(
+    rounds: &[Vec<ServerResult>],
+    a: Kind,
+    b: Kind,
+    w: &Workload,
+    p99: bool,
+) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|round| {
+            let value = |k: Kind| {
+                round
+                    .iter()
+                    .find(|r| r.kind == k)
+                    .and_then(|r| cell(r, w, p99).1)
+            };
+            match (value(a), value(b)) {
+                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn markdown(results: &[ServerResult], rounds: &[Vec<ServerResult>], header: &str) -> String {
     let find = |k: Kind| results.iter().find(|r| r.kind == k);
     let ratios: Vec<_> = RATIOS
         .iter()
@@ -1586,12 +1712,17 @@ fn markdown(results: &[ServerResult], header: &str) -> String {
             s += &format!(" {} |", cell(r, w, p99).0);
         }
         for (a, b, _) in &ratios {
-            let x = find(*a).and_then(|r| cell(r, w, p99).1);
-            let y = find(*b).and_then(|r| cell(r, w, p99).1);
-            match (x, y) {
-                (Some(x), Some(y)) if y > 0.0 => s += &format!(" {:.2}× |", x / y),
-                _ => s += " n/a |",
-            }
+            let mut v = round_ratios(rounds, *a, *b, w, p99);
+            s += &match v.len() {
+                0 => " n/a |".to_string(),
+                1 => format!(" {:.2}× |", v[0]),
+                _ => format!(
+                    " {:.2}× ({:.2}–{:.2}) |",
+                    quantile(&mut v, 0.5),
+                    quantile(&mut v, 0.0),
+                    quantile(&mut v, 1.0)
+                ),
+            };
         }
         s += "\n";
     }
@@ -1616,7 +1747,7 @@ fn markdown(results: &[ServerResult], header: &str) -> String {
     s
 }
 
-fn json_report(results: &[ServerResult], config: Value) -> Value {
+fn json_report(results: &[ServerResult], rounds: &[Vec<ServerResult>], config: Value) -> Value {
     let find = |k: Kind| results.iter().find(|r| r.kind == k);
     let mut ratios = serde_json::Map::new();
     for (a, b, name) in RATIOS {
@@ -1630,11 +1761,16 @@ fn json_report(results: &[ServerResult], config: Value) -> Value {
             } else {
                 w.id.to_string()
             };
-            let v = match (cell(ra, w, p99).1, cell(rb, w, p99).1) {
-                (Some(x), Some(y)) if y > 0.0 => json!(x / y),
-                _ => Value::Null,
+            let v = round_ratios(rounds, ra.kind, rb.kind, w, p99);
+            let median = if v.is_empty() {
+                Value::Null
+            } else {
+                json!(quantile(&mut v.clone(), 0.5))
             };
-            m.insert(key, v);
+            m.insert(key.clone(), median);
+            if v.len() > 1 {
+                m.insert(format!("{key}.rounds"), json!(v));
+            }
         }
         ratios.insert(name.to_string(), Value::Object(m));
     }
@@ -1652,13 +1788,21 @@ fn json_report(results: &[ServerResult], config: Value) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut report = json!({
         "tool": "torus-bench",
         "config": config,
         "workloads": workloads,
         "servers": results.iter().map(ServerResult::json).collect::<Vec<_>>(),
         "ratios": ratios,
-    })
+    });
+    if let (true, Some(obj)) = (rounds.len() > 1, report.as_object_mut()) {
+        let each: Vec<Vec<Value>> = rounds
+            .iter()
+            .map(|round| round.iter().map(ServerResult::json).collect())
+            .collect();
+        obj.insert("rounds".into(), json!(each));
+    }
+    report
 }
 
 // ---------------------------------------------------------------------------
@@ -1837,13 +1981,31 @@ fn main() -> ExitCode {
     );
     let load_start = loadavg();
     let started = Instant::now();
-    let mut results = Vec::new();
-    for &k in &kinds {
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
         if INTERRUPTED.load(Ordering::SeqCst) {
             break;
         }
-        results.push(bench_server(&ctx, work.path(), k));
+        if args.rounds > 1 {
+            eprintln!("== round {} of {}", round + 1, args.rounds);
+        }
+        // Alternate the order so that drift in the machine's speed during
+        // the run does not favour the servers measured first.
+        let mut order = kinds.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut this = Vec::new();
+        for k in order {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                break;
+            }
+            this.push(bench_server(&ctx, work.path(), k));
+        }
+        this.sort_by_key(|r| r.kind);
+        rounds.push(this);
     }
+    let results = merge_rounds(&rounds);
     let mut meta_error = None;
     let meta = if args.volumes > 0 && !INTERRUPTED.load(Ordering::SeqCst) {
         eprintln!("== metadata: {} volumes", args.volumes);
@@ -1878,7 +2040,7 @@ fn main() -> ExitCode {
     let header = format!(
         "fio {} `--ioengine=nbd` over 127.0.0.1, volume {} MiB (large: {} MiB), {} s per workload after {} s ramp, \
          no flushes during runs (writes are write-back cached by every server), `sync` before each; data under {}. \
-         Ratios: value/value (for latency rows, >1 = slower). Total {} s; \
+         Ratios: value/value (for latency rows, >1 = slower).{} Total {} s; \
          1-min load average {} at start, {} at end ({} CPUs).",
         fio_version.trim_start_matches("fio-"),
         ctx.size / MIB,
@@ -1886,12 +2048,13 @@ fn main() -> ExitCode {
         ctx.runtime,
         ctx.ramp,
         base.display(),
+        rounds_note(rounds.len()),
         elapsed,
         load_start,
         load_end,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    print!("{}", markdown(&results, &header));
+    print!("{}", markdown(&results, &rounds, &header));
     if let Some(f) = &meta {
         print!("{}", metadata_markdown(f));
     }
@@ -1908,11 +2071,12 @@ fn main() -> ExitCode {
             "dir": base.display().to_string(),
             "fio": fio_version,
             "torusd": ctx.torusd.display().to_string(),
+            "rounds": rounds.len(),
             "elapsed_s": elapsed,
             "loadavg_start": load_start,
             "loadavg_end": load_end,
         });
-        let mut report = json_report(&results, config);
+        let mut report = json_report(&results, &rounds, config);
         if let (Some(f), Some(obj)) = (&meta, report.as_object_mut()) {
             obj.insert("metadata".into(), metadata_json(f));
         }
@@ -1954,5 +2118,65 @@ fn main() -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(kind: Kind, iops: f64, failed: bool) -> ServerResult {
+        let mut r = ServerResult::new(kind);
+        let id = WORKLOADS[2].id;
+        let outcome = if failed {
+            Outcome::Failed("fio died".into())
+        } else {
+            Outcome::Done(Figures {
+                bw_bytes: iops * 4096.0,
+                iops,
+                io_bytes: 1 << 30,
+                clat_mean_us: 1e6 / iops,
+                clat_p99_us: 2e6 / iops,
+            })
+        };
+        r.outcomes.insert(id, outcome);
+        r.rss = vec![(kind.id().to_string(), iops / 1000.0)];
+        r
+    }
+
+    #[test]
+    fn rounds_give_median_figures_paired_ratios_and_keep_failures() {
+        let w = &WORKLOADS[2];
+        let (a, b) = (Kind::ClusterQuic, Kind::ClusterTls);
+        // The machine slows down in the second round; each round's ratio
+        // is what the pair measured side by side.
+        let rounds = vec![
+            vec![result(b, 20_000.0, false), result(a, 18_000.0, false)],
+            vec![result(b, 10_000.0, false), result(a, 9_000.0, false)],
+            vec![result(b, 22_000.0, false), result(a, 17_600.0, false)],
+        ];
+        let merged = merge_rounds(&rounds);
+        assert_eq!(merged.len(), 2);
+        let tls = merged.iter().find(|r| r.kind == b).expect("tls merged");
+        assert_eq!(cell(tls, w, false).1, Some(20_000.0), "median IOPS");
+        assert_eq!(
+            tls.rss,
+            vec![(b.id().to_string(), 22.0)],
+            "peak RSS is the max"
+        );
+        let mut ratios = round_ratios(&rounds, a, b, w, false);
+        assert_eq!(ratios.len(), 3);
+        assert!((quantile(&mut ratios, 0.5) - 0.9).abs() < 1e-9);
+        assert!((quantile(&mut ratios, 0.0) - 0.8).abs() < 1e-9);
+        let table = markdown(&merged, &rounds, "header");
+        assert!(table.contains("0.90× (0.80–0.90)"), "{table}");
+
+        // A failure in any round is not hidden by the others' medians.
+        let rounds = vec![vec![result(b, 20_000.0, false)], vec![result(b, 0.0, true)]];
+        let merged = merge_rounds(&rounds);
+        assert!(merged[0].failed());
+        // One round is that round's result unchanged.
+        let one = merge_rounds(&[vec![result(a, 5.0, false)]]);
+        assert_eq!(cell(&one[0], w, false).1, Some(5.0));
     }
 }
