@@ -38,6 +38,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -939,7 +940,7 @@ where
             }) => {
                 let handler = handler.clone();
                 let replies = replies.clone();
-                tasks.spawn(async move {
+                let mut job = Box::pin(async move {
                     let result = handle_request(&*handler, request).await;
                     if let Some(frame) = encode_reply(id, result, peer_max) {
                         // The writer is gone only when the connection is closing.
@@ -947,6 +948,15 @@ where
                     }
                     drop(slot);
                 });
+                // Most requests (a small write, a read the page cache holds)
+                // finish without waiting: run them here, which saves a
+                // task's spawn and wake-up each. One that waits goes on as
+                // a task; its first poll there gives the future the task's
+                // waker (a future wakes the waker of its latest poll).
+                let mut cx = Context::from_waker(Waker::noop());
+                if job.as_mut().poll(&mut cx).is_pending() {
+                    tasks.spawn(job);
+                }
                 while tasks.try_join_next().is_some() {}
             }
             Some(Frame {
