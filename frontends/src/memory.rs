@@ -60,6 +60,8 @@ struct Settings {
     read_only: bool,
     locked_by: Option<String>,
     fail_with: Option<Error>,
+    /// Every request panics (tests of the callers' panic handling).
+    panic: bool,
     latency: Option<Duration>,
 }
 
@@ -123,6 +125,11 @@ impl MemoryVolumes {
     /// with `error` until cleared with `None`.
     pub fn set_fail_with(&self, name: &str, error: Option<Error>) -> Result<()> {
         self.update(name, |s| s.fail_with = error)
+    }
+
+    /// Make every I/O of every handle panic (until set back to `false`).
+    pub fn set_panic(&self, name: &str, panic: bool) -> Result<()> {
+        self.update(name, |s| s.panic = panic)
     }
 
     /// Delay every I/O by `latency` (to keep requests in flight).
@@ -216,10 +223,11 @@ impl Drop for MemoryDevice {
 impl MemoryDevice {
     /// Apply injected latency and failure, then check the range.
     async fn begin(&self, offset: u64, len: u64, write: bool) -> Result<()> {
-        let (latency, fail) = {
+        let (latency, fail, panic) = {
             let s = lock(&self.volume.settings);
-            (s.latency, s.fail_with.clone())
+            (s.latency, s.fail_with.clone(), s.panic)
         };
+        assert!(!panic, "injected panic in volume {}", self.volume.name);
         if let Some(d) = latency {
             tokio::time::sleep(d).await;
         }

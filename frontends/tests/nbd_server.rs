@@ -482,6 +482,23 @@ async fn device_errors_map_to_nbd_errors() {
 }
 
 #[tokio::test]
+async fn a_request_that_panics_gets_eio_and_the_connection_goes_on() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        c.write(0, b"kept", 0).await.unwrap();
+        srv.vols.set_panic("alpha", true).unwrap();
+        assert_eq!(c.write(0, b"lost", 0).await, Err(EIO));
+        assert_eq!(c.read(0, 4).await, Err(EIO));
+        srv.vols.set_panic("alpha", false).unwrap();
+        assert_eq!(c.read(0, 4).await.unwrap(), b"kept");
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
 async fn wrong_request_magic_closes_the_connection() {
     within(30, async {
         let srv = TestServer::start(NbdOptions::default()).await;
