@@ -1247,6 +1247,7 @@ impl<H: ChunkIo> ChunkDir<H> {
             st.created = true;
             (file, Sums::zeroed(self.blocks_per_chunk))
         };
+        sys::no_atime(&file);
         let io = H::open(file, self.chunk_size).map_err(|e| chunk.io_error("opening", e))?;
         let handle = Arc::new(Open {
             io,

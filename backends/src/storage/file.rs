@@ -212,6 +212,40 @@ mod tests {
     }
 
     #[test]
+    fn reading_a_chunk_leaves_its_access_time_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let chunk = ChunkRef::new(VolumeId(1), 0);
+        let path = tmp.path().join("1").join("0");
+        {
+            let store = FileBlockStore::open(tmp.path(), 1 << 20, 8 << 20).expect("open");
+            store.dir.write(chunk, 0, &[7u8; 4096]).expect("write");
+            // Flushed, so the reopen has no checksums to recover (which
+            // reads the chunk).
+            store.dir.flush().expect("flush");
+        }
+        // An access time older than the modification: relatime would
+        // update it on the next read.
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+        let times = std::fs::FileTimes::new().set_accessed(old);
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_times(times))
+            .expect("set atime");
+        let store = FileBlockStore::open(tmp.path(), 1 << 20, 8 << 20).expect("reopen");
+        assert_eq!(
+            &store.dir.read(chunk, 0, 4096).expect("read")[..],
+            &[7u8; 4096][..]
+        );
+        let cached = store.dir.read_cached(chunk, 0, 4096).expect("read");
+        assert_eq!(cached.as_deref(), Some(&[7u8; 4096][..]));
+        let atime = std::fs::metadata(&path)
+            .and_then(|m| m.accessed())
+            .expect("atime");
+        assert_eq!(atime, old, "reads updated the chunk file's access time");
+    }
+
+    #[test]
     fn large_reads_from_a_mapping_are_checked_and_fall_back_to_pread() {
         const MIB: usize = 1 << 20;
         let tmp = tempfile::tempdir().expect("tempdir");

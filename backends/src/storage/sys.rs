@@ -92,6 +92,22 @@ pub(crate) fn start_writeback(file: &File) {
     let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
+/// Stops reads through `file` from updating its access time (best effort:
+/// only the file's owner or a privileged process may). Nobody reads a
+/// chunk file's atime, and checking whether to update it cost 1.8 % of a
+/// node's CPU on 4 KiB random reads.
+pub(crate) fn no_atime(file: &File) {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor kept open by the borrowed `file`; it
+    // touches no memory of ours.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            let _ = libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NOATIME);
+        }
+    }
+}
+
 /// Asks the kernel to drop `file`'s clean cached pages (best effort).
 pub(crate) fn drop_cached_pages(file: &File) {
     // SAFETY: posix_fadvise on a descriptor kept open by the borrowed `file`;
