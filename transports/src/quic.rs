@@ -6,10 +6,11 @@
 //! *lanes* ([`QuicOptions::lanes`]). Each lane is run exactly like one TCP
 //! peer connection, by the same code (`crate::tcp`): the TRSP handshake,
 //! then multiplexed request frames matched to replies by id, one writer per
-//! side that batches frames. A lane's writer hands quinn the frames' own
-//! buffers (`LaneSink`), so a payload is not copied into the stream: one
-//! copy less per byte than writing through `AsyncWrite` (the primary's CPU
-//! per GB of 1 MiB writes at replication 3 fell by about 14 %). At most
+//! side that batches frames. A lane's writer hands quinn large payloads in
+//! their own buffers (`LaneSink`), so they are not copied into the stream:
+//! one copy less per byte than writing through `AsyncWrite` (the primary's
+//! CPU per GB of 1 MiB writes at replication 3 fell by about 14 %); quinn
+//! holds such a buffer until the peer acknowledges it. At most
 //! `max_in_flight` requests run per connection, shared by its lanes (a
 //! lane with none free is not read: the back-pressure on a sender). Calls
 //! spread over the lanes.
@@ -40,7 +41,7 @@ use crate::tcp::{self, ClientConn, FrameSink, TcpOptions};
 use crate::tls::PeerTls;
 use crate::wire::{self, Encoded};
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::HashMap;
@@ -636,17 +637,36 @@ async fn serve_lane(
     }
 }
 
-/// A lane's writer: frames are handed to quinn as the buffers they are in
-/// (a 1 MiB payload is not copied into the stream), a batch in one call.
+/// A lane's writer. Large payloads are handed to quinn as the buffers they
+/// are in (a 1 MiB payload is not copied into the stream); frame heads and
+/// small payloads are gathered into one buffer, since quinn keeps every
+/// buffer it is given as a segment until the peer acknowledges it and
+/// walks them for every packet it builds.
 struct LaneSink {
     stream: quinn::SendStream,
+    /// What goes to quinn at the next flush, in order.
     queued: Vec<Bytes>,
+    /// Heads and small payloads since the last entry of `queued`.
+    small: BytesMut,
     queued_bytes: usize,
 }
 
 /// Bytes a lane queues before it hands them to quinn without waiting for
 /// the batch to end (so a large payload starts leaving at once).
 const LANE_BATCH: usize = 64 * 1024;
+
+/// Payloads up to this size are copied into the lane's gathering buffer;
+/// larger ones are handed over as they are.
+const LANE_COPY_MAX: usize = 16 * 1024;
+
+impl LaneSink {
+    /// Moves the gathered small pieces into the queue.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.queued.push(self.small.split().freeze());
+        }
+    }
+}
 
 impl FrameSink for LaneSink {
     type Io = quinn::SendStream;
@@ -655,15 +675,23 @@ impl FrameSink for LaneSink {
         LaneSink {
             stream,
             queued: Vec::new(),
+            small: BytesMut::new(),
             queued_bytes: 0,
         }
     }
 
     async fn push(&mut self, frame: Encoded) -> io::Result<()> {
         self.queued_bytes += frame.wire_len();
-        self.queued.push(frame.head().clone());
-        if !frame.payload().is_empty() {
-            self.queued.push(frame.payload().clone());
+        if self.small.is_empty() {
+            self.small.reserve(LANE_BATCH);
+        }
+        self.small.extend_from_slice(frame.head());
+        let payload = frame.payload();
+        if payload.len() <= LANE_COPY_MAX {
+            self.small.extend_from_slice(payload);
+        } else {
+            self.seal();
+            self.queued.push(payload.clone());
         }
         if self.queued_bytes >= LANE_BATCH {
             self.flush().await?;
@@ -672,6 +700,7 @@ impl FrameSink for LaneSink {
     }
 
     async fn flush(&mut self) -> io::Result<()> {
+        self.seal();
         self.stream.write_all_chunks(&mut self.queued).await?;
         self.queued.clear();
         self.queued_bytes = 0;

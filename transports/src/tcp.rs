@@ -16,7 +16,10 @@
 //! wait; only one that waits becomes a task of its own. Most requests (a
 //! small write, a read the page cache holds) never wait, and the task's
 //! spawn and wake-up they save was a third of a replica's CPU per 4 KiB
-//! write. Bytes that are not the protocol (bad magic, wrong version, a frame
+//! write. "Wait" means on tokio: a request that blocks in the kernel (a
+//! page fault on the disk, writeback throttling) holds the reader that
+//! long, as it held a worker thread before; the stores' inline paths give
+//! up rather than wait for a disk read or another write's lock. Bytes that are not the protocol (bad magic, wrong version, a frame
 //! over the limit, a truncated frame, an unknown kind) close that connection,
 //! with a warning naming the peer and the reason; other connections carry on.
 //! Dropping the listener stops accepting and closes its connections.
@@ -803,10 +806,6 @@ async fn accept_loop(
     }
 }
 
-/// Serves one accepted connection, first completing TLS when configured. A
-/// peer that fails the TLS handshake (no certificate, one not signed by the
-/// cluster CA, expired, or not TLS at all) is refused before anything it
-/// sends is read as the protocol.
 /// The socket as rustls reads it: through a buffer of `READ_CHUNK` bytes.
 /// rustls reads at most 4 KiB per call, so on the bare socket a batch of
 /// 4 KiB requests cost two `recv`s per request; through the buffer it
@@ -815,6 +814,10 @@ fn under_tls(stream: TcpStream) -> BufReader<TcpStream> {
     BufReader::with_capacity(READ_CHUNK, stream)
 }
 
+/// Serves one accepted connection, first completing TLS when configured. A
+/// peer that fails the TLS handshake (no certificate, one not signed by the
+/// cluster CA, expired, or not TLS at all) is refused before anything it
+/// sends is read as the protocol.
 async fn accept_connection(
     stream: TcpStream,
     peer: SocketAddr,

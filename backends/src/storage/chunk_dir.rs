@@ -706,10 +706,20 @@ impl<H: ChunkIo> ChunkDir<H> {
 
     /// `write`, on the calling task: `Ok(false)` when that would mean
     /// waiting for the disk (to log the chunk as dirty, or to read a block
-    /// the write covers partly that is not cached), having changed nothing;
-    /// then call `write`.
+    /// the write covers partly that is not cached) or for another write's
+    /// hold on the chunk's checksums, having changed nothing; then call
+    /// `write`.
     pub(crate) fn write_inline(&self, id: ChunkRef, offset: u64, data: &[u8]) -> Result<bool> {
         self.write_impl(id, offset, data, true)
+    }
+
+    /// Runs `f` while holding the update lock of chunk `id` (open).
+    #[cfg(test)]
+    pub(crate) fn with_update_lock<R>(&self, id: ChunkRef, f: impl FnOnce() -> R) -> R {
+        let chunk = self.lookup(id).expect("chunk exists");
+        let handle = lock(&chunk.state).handle.clone().expect("chunk open");
+        let _held = handle.sums.lock();
+        f()
     }
 
     pub(crate) fn write(&self, id: ChunkRef, offset: u64, data: &[u8]) -> Result<()> {
@@ -764,14 +774,27 @@ impl<H: ChunkIo> ChunkDir<H> {
         };
         self.cache_fresh(&chunk, &opened);
         let h = &opened.handle;
+        // On the calling task, do not wait for the update lock: a large
+        // write on the blocking pool may hold it for a whole `pwrite`, and
+        // the caller may be a connection's reader (see `tcp::serve`).
+        let held = if inline {
+            let Some(held) = h.sums.try_lock() else {
+                self.undo(&chunk, reserved);
+                return Ok(false);
+            };
+            Some(held)
+        } else {
+            None
+        };
         if reserved > 0 {
             if let Err(e) = h.io.preallocate(offset, len) {
                 // Nothing written: give the reservation back.
+                drop(held);
                 self.undo(&chunk, reserved);
                 return Err(chunk.io_error("allocating space in", e));
             }
         }
-        let update = h.sums.lock();
+        let update = held.unwrap_or_else(|| h.sums.lock());
         // The blocks covered only partly: check what they hold and checksum
         // them merged with the new bytes, before writing anything.
         let mut edges: [Option<(u64, u32)>; 2] = [None, None];

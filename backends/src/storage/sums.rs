@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::Duration;
 use torus_traits::{ChunkRef, Error, Result, VolumeId, SECTOR};
 
@@ -119,6 +119,16 @@ impl Sums {
     /// update.
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
         lock(&self.update)
+    }
+
+    /// [`lock`](Sums::lock) if nobody holds it now.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.update.try_lock() {
+            Ok(guard) => Some(guard),
+            // The guarded value is `()`: a panic under it left nothing torn.
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
     pub(crate) fn get(&self, block: u64) -> u32 {

@@ -2,7 +2,8 @@
 //! sparse file (`lseek` `SEEK_DATA`/`SEEK_HOLE`), allocating and punching
 //! blocks (`fallocate`), starting writeback early (`sync_file_range`),
 //! reading only what the page cache holds (`preadv2` with `RWF_NOWAIT`),
-//! dropping cached pages (`posix_fadvise`), the descriptor limit
+//! dropping cached pages (`posix_fadvise`), not updating access times
+//! (`fcntl` `O_NOATIME`), the descriptor limit
 //! (`getrlimit`) and a range of a file mapped and locked in memory
 //! ([`Pinned`], `mmap` + `mlock`). Each wrapper takes a borrowed `File`, so
 //! the descriptor is valid for the duration of the call.
@@ -169,7 +170,9 @@ pub(crate) fn pread_uninit(
 /// `MAP_SHARED`, then `mlock`), readable as a byte slice until dropped.
 ///
 /// This is how large reads avoid copying into a buffer: the checksums are
-/// computed over the mapping and the socket copies from it. Locking is what
+/// computed over the mapping and the socket copies from it (QUIC keeps the
+/// mapping until the peer acknowledges it, and reads it again for a resend,
+/// so it stays locked that long). Locking is what
 /// makes reading the mapping safe: `mlock` faults every page in first (an
 /// I/O error makes it fail, so the caller falls back to `pread`, which
 /// reports it) and keeps the pages resident, so no later access can fault

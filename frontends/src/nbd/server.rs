@@ -795,16 +795,20 @@ impl Conn<'_> {
         let peer = self.peer;
         tokio::spawn(async move {
             // A panic in the device fails this request, not the connection.
-            let (error, payload) = AssertUnwindSafe(execute(device.as_ref(), &req, payload))
+            let (error, payload) = match AssertUnwindSafe(execute(device.as_ref(), &req, payload))
                 .catch_unwind()
                 .await
-                .unwrap_or_else(|_| {
-                    error!(%peer, ?req, "NBD request panicked");
+            {
+                Ok((errno::EIO, payload)) => {
+                    warn!(%peer, ?req, "NBD request failed with EIO");
+                    (errno::EIO, payload)
+                }
+                Ok(done) => done,
+                Err(_) => {
+                    error!(%peer, ?req, "NBD request panicked; replying EIO");
                     (errno::EIO, None)
-                });
-            if error == errno::EIO {
-                warn!(%peer, ?req, "NBD request failed with EIO");
-            }
+                }
+            };
             // Drop the handle before the reply can release the last slot, so
             // the connection's final drop really is the last.
             drop(device);
