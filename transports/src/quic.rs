@@ -682,12 +682,16 @@ impl FrameSink for LaneSink {
 
     async fn push(&mut self, frame: Encoded) -> io::Result<()> {
         self.queued_bytes += frame.wire_len();
-        if self.small.is_empty() {
-            self.small.reserve(LANE_BATCH);
+        let payload = frame.payload();
+        let copied = payload.len() <= LANE_COPY_MAX;
+        let needed = frame.head().len() + if copied { payload.len() } else { 0 };
+        // Gathered pieces share one allocation until it is used up (a new
+        // one per batch would be held, whole, until the batch is acknowledged).
+        if self.small.capacity() - self.small.len() < needed {
+            self.small.reserve(needed.max(LANE_BATCH));
         }
         self.small.extend_from_slice(frame.head());
-        let payload = frame.payload();
-        if payload.len() <= LANE_COPY_MAX {
+        if copied {
             self.small.extend_from_slice(payload);
         } else {
             self.seal();

@@ -12,11 +12,10 @@
 //!
 //! Reads of at least 512 KiB inside the file are not copied: the range is
 //! mapped and locked in memory (`sys::Pinned`), checked against its
-//! checksums there, and handed up as `Bytes` that the socket copies from
-//! (QUIC: that quinn holds until acknowledged) (about 10 % less CPU per GB
-//! on 1 MiB reads; see
-//! `chunk_dir::PINNED_READ_MIN`). Anything else, or a range that fails to
-//! map or to check, is read with `pread`.
+//! checksums there, and handed up as `Bytes` that the socket copies from,
+//! or that quinn holds until the peer acknowledges it (about 10 % less CPU
+//! per GB on 1 MiB reads; see `chunk_dir::PINNED_READ_MIN`). Anything
+//! else, or a range that fails to map or to check, is read with `pread`.
 //!
 //! Reads, flushes and large writes run on tokio's blocking pool
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to

@@ -172,14 +172,14 @@ pub(crate) fn pread_uninit(
 /// This is how large reads avoid copying into a buffer: the checksums are
 /// computed over the mapping and the socket copies from it (QUIC keeps the
 /// mapping until the peer acknowledges it, and reads it again for a resend,
-/// so it stays locked that long). Locking is what
-/// makes reading the mapping safe: `mlock` faults every page in first (an
-/// I/O error makes it fail, so the caller falls back to `pread`, which
-/// reports it) and keeps the pages resident, so no later access can fault
-/// on the disk and raise `SIGBUS`. Only a range inside the file's size is
-/// ever mapped, and the stores never truncate a chunk file, so no access
-/// lies past its end either. A concurrent write into the range may be seen
-/// part-way, as with any read that overlaps a write in flight.
+/// so it stays locked that long). Locking is what makes reading the mapping
+/// safe: `mlock` faults every page in first (an I/O error makes it fail, so
+/// the caller falls back to `pread`, which reports it) and keeps the pages
+/// resident, so no later access can fault on the disk and raise `SIGBUS`.
+/// Only a range inside the file's size is ever mapped, and the stores never
+/// truncate a chunk file, so no access lies past its end either. A concurrent
+/// write into the range may be seen part-way, as with any read that overlaps
+/// a write in flight.
 pub(crate) struct Pinned {
     ptr: std::ptr::NonNull<libc::c_void>,
     len: usize,

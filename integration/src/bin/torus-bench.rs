@@ -1637,11 +1637,14 @@ fn merge_rounds(rounds: &[Vec<ServerResult>]) -> Vec<ServerResult> {
                         _ => None,
                     })
                     .collect();
-                let outcome = match (failed, outcomes.first()) {
-                    (Some(&failed), _) => failed.clone(),
-                    _ if !done.is_empty() => Outcome::Done(median_figures(&done)),
-                    (None, Some(&first)) => first.clone(),
-                    (None, None) => continue,
+                let outcome = if let Some(&failed) = failed {
+                    failed.clone()
+                } else if !done.is_empty() {
+                    Outcome::Done(median_figures(&done))
+                } else if let Some(&first) = outcomes.first() {
+                    first.clone() // skipped in every round
+                } else {
+                    continue;
                 };
                 merged.outcomes.insert(w.id, outcome);
             }
