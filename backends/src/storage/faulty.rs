@@ -534,7 +534,7 @@ impl Core {
         let flip = |byte: usize, bit: u8| {
             let mut e = vec![0u8; block];
             e[byte] ^= 1 << bit;
-            crc32c::crc32c(&e) ^ ZERO_CRC
+            torus_traits::storage::crc32c(&e) ^ ZERO_CRC
         };
         if whole {
             // The first byte of each block, as `corrupt` does from offset 0.

@@ -252,7 +252,7 @@ impl BlockStore for MemoryBlockStore {
             if !c.deleted {
                 for (crc, page) in crcs.iter_mut().zip(&c.pages) {
                     if let Some(page) = page {
-                        *crc = crc32c::crc32c(page);
+                        *crc = torus_traits::storage::crc32c(page);
                     }
                 }
             }

@@ -33,9 +33,7 @@ const LOG_FILES: [&str; 2] = ["dirty.0.log", "dirty.1.log"];
 const LOG_ENTRY: usize = 16;
 
 /// The checksum of one 4 KiB block.
-pub(crate) fn block_crc(block: &[u8]) -> u32 {
-    crc32c::crc32c(block)
-}
+pub(crate) use torus_traits::storage::crc32c as block_crc;
 
 /// On disk a checksum is stored XORed with [`ZERO_CRC`], so that zero bytes
 /// (a hole in the checksum file, or a range never written) stand for the

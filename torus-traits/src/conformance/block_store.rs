@@ -798,7 +798,7 @@ pub async fn scan_chunk_absent_reads_as_zeros(store: &dyn BlockStore) {
     let gone = c(1016, 1);
     write(store, T, gone, 5000, &pattern(1, 3 * BLOCK)).await;
     delete(store, T, gone).await;
-    let zero_block = crc32c::crc32c(&[0u8; BLOCK as usize]);
+    let zero_block = crate::storage::crc32c(&[0u8; BLOCK as usize]);
     for chunk in [never, gone] {
         let got = scan(store, T, chunk).await;
         if let Some(b) = got.crcs.iter().position(|&crc| crc != zero_block) {
@@ -843,7 +843,7 @@ pub async fn scan_chunk_matches_data(store: &dyn BlockStore) {
     zero(store, T, a, BLOCK + 200, 100).await;
     zero(store, T, a, 300_000, 10_000).await;
     expect_scan_matches(store, T, a, "after zeros").await;
-    let zero_block = crc32c::crc32c(&[0u8; BLOCK as usize]);
+    let zero_block = crate::storage::crc32c(&[0u8; BLOCK as usize]);
     let got = scan(store, T, a).await;
     for blk in 10..14 {
         assert_eq!(
