@@ -263,6 +263,65 @@ async fn two_nodes_with_their_own_certificates_talk_both_ways() {
     }
 }
 
+/// Peers agree on TLS 1.3 with AES-128-GCM (the cheapest of the strong
+/// suites for bulk data), while a client that prefers AES-256 still connects.
+#[tokio::test]
+async fn peers_agree_on_aes_128_gcm_and_others_still_connect() {
+    let pki = Pki::new();
+    let a = PeerTls::load(pki.node("a")).unwrap();
+    let b = PeerTls::load(pki.node("b")).unwrap();
+    let handshake = |client: Arc<rustls::ClientConfig>| {
+        let server = tokio_rustls::TlsAcceptor::from(a.server_config());
+        async move {
+            let (c, s) = tokio::io::duplex(64 * 1024);
+            let connector = tokio_rustls::TlsConnector::from(client);
+            let (c, s) = tokio::join!(
+                connector.connect(PeerTls::server_name(), c),
+                server.accept(s)
+            );
+            let (c, s) = (c.unwrap(), s.unwrap());
+            let suite = c.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+            assert_eq!(
+                suite,
+                s.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+            );
+            suite
+        }
+    };
+    assert_eq!(
+        handshake(b.client_config()).await,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    // A client with ring's own order, AES-256-GCM first, and the same node
+    // certificate.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    let files = pki.node("c");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&files.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&files.cert)
+        .unwrap()
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+    let mut other = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    other.alpn_protocols = vec![tls::ALPN.to_vec()];
+    assert_eq!(
+        handshake(Arc::new(other)).await,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Mutual authentication
 
