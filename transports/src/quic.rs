@@ -433,9 +433,10 @@ impl QuicTransport {
             return Ok(l);
         }
         let opts = &self.inner.opts;
+        // Boxed, as in `tcp`: so that every call's future stays small.
         let link = crate::bounded(
             opts.connect_timeout,
-            self.dial(addr),
+            Box::pin(self.dial(addr)),
             || format!("cannot connect to peer at {addr}"),
             || format!("connecting to peer at {addr}"),
         )

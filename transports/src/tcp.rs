@@ -15,15 +15,15 @@
 //! completion order. A request is first run on the connection's reader until
 //! it would wait; only one that waits becomes a task of its own. Most
 //! requests (a small write, a read the page cache holds) never wait, and the
-//! task's spawn and wake-up they save was a third of a replica's CPU
-//! per 4 KiB write. "Wait" means on tokio: a request that blocks in the kernel (a
-//! page fault on the disk, writeback throttling) holds the reader that long,
-//! as it held a worker thread before; the stores' inline paths give up rather
-//! than wait for a disk read or another write's lock. Bytes that are not the
-//! protocol (bad magic, wrong version, a frame over the limit, a truncated
-//! frame, an unknown kind) close that connection, with a warning naming the
-//! peer and the reason; other connections carry on. Dropping the listener
-//! stops accepting and closes its connections.
+//! task's spawn and wake-up they save was a third of a replica's CPU per
+//! 4 KiB write. "Wait" means on tokio: a request that blocks in the kernel
+//! (a page fault on the disk, writeback throttling) holds the reader that
+//! long, as it held a worker thread before; the stores' inline paths give up
+//! rather than wait for a disk read or another write's lock. Bytes that are
+//! not the protocol (bad magic, wrong version, a frame over the limit, a
+//! truncated frame, an unknown kind) close that connection, with a warning
+//! naming the peer and the reason; other connections carry on. Dropping the
+//! listener stops accepting and closes its connections.
 //!
 //! **TLS.** With [`TcpOptions::tls`] set, every connection is TLS 1.3 with
 //! mutual authentication against the cluster CA (see [`crate::tls`]) before
@@ -239,7 +239,10 @@ impl TcpTransport {
                 }
             }
         }
-        match connect(addr, opts).await {
+        // Boxed: dialing (with a TLS handshake) is a future of kilobytes,
+        // and inline it would make every call's future that large, to be
+        // moved into its box on every call, while almost none ever dials.
+        match Box::pin(connect(addr, opts)).await {
             Ok(conn) => {
                 *last_failure = None;
                 let conn = Arc::new(conn);
