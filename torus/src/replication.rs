@@ -350,6 +350,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether `peer` is recorded degraded for chunk `index` in `degraded`
+/// (the map of [`ReplicatedChunks`], read under its lock).
+fn marked(degraded: &HashMap<u64, HashSet<PeerId>>, index: u64, peer: &PeerId) -> bool {
+    degraded.get(&index).is_some_and(|b| b.contains(peer))
+}
+
 impl ReplicatedChunks {
     /// Open replicated I/O for `volume`, loading its degraded records.
     pub async fn open(link: ClusterLink, volume: VolumeId, replication: u32) -> Result<Self> {
@@ -518,9 +524,7 @@ impl ReplicatedChunks {
     /// replica healthy again. Returns the data bytes sent.
     async fn resync_chunk(&self, chunk: ChunkRef, peer: PeerId, epoch: Epoch) -> Result<u64> {
         let _exclusive = self.stripe(chunk.index).write().await;
-        let still = lock(&self.degraded)
-            .get(&chunk.index)
-            .is_some_and(|p| p.contains(&peer));
+        let still = marked(&lock(&self.degraded), chunk.index, &peer);
         if !still {
             return Ok(0);
         }
@@ -655,9 +659,7 @@ impl ReplicatedChunks {
     }
 
     pub(crate) fn is_degraded(&self, index: u64, peer: PeerId) -> bool {
-        lock(&self.degraded)
-            .get(&index)
-            .is_some_and(|p| p.contains(&peer))
+        marked(&lock(&self.degraded), index, &peer)
     }
 
     /// The healthy replicas of a chunk, in placement order.
@@ -669,10 +671,9 @@ impl ReplicatedChunks {
             ));
         }
         let degraded = lock(&self.degraded);
-        let bad = degraded.get(&chunk.index);
         let healthy: Vec<PeerId> = all
             .into_iter()
-            .filter(|p| bad.is_none_or(|b| !b.contains(p)))
+            .filter(|p| !marked(&degraded, chunk.index, p))
             .collect();
         if healthy.is_empty() {
             return Err(Error::Unavailable(format!(
@@ -781,7 +782,7 @@ impl ReplicatedChunks {
             let left = targets[..placed]
                 .iter()
                 .filter(|p| !missed(p))
-                .filter(|p| degraded.get(&chunk.index).is_none_or(|b| !b.contains(*p)))
+                .filter(|p| !marked(&degraded, chunk.index, p))
                 .count();
             if left == 0 {
                 return Err(first_err.unwrap_or_else(|| {
@@ -928,11 +929,9 @@ impl ChunkIo for ReplicatedChunks {
         )
         .await;
         let mut failed: Vec<(PeerId, &BTreeSet<u64>, Error)> = Vec::new();
-        let mut durable: HashSet<u64> = HashSet::new();
         for ((peer, chunks), r) in pending.iter().zip(results) {
-            match r {
-                Ok(_) => durable.extend(chunks.iter().copied()),
-                Err(e) => failed.push((*peer, chunks, e)),
+            if let Err(e) = r {
+                failed.push((*peer, chunks, e));
             }
         }
         if failed.is_empty() {
@@ -953,16 +952,29 @@ impl ChunkIo for ReplicatedChunks {
         let mut first_err = None;
         let failed_peers: HashSet<PeerId> = failed.iter().map(|f| f.0).collect();
         for (peer, chunks, e) in &failed {
-            // Covered: made durable by another replica in this barrier, or
-            // held by a healthy replica that flushed everything it got (a
-            // healthy replica received every write since it became healthy,
-            // and a resync or move that made it healthy flushed the copy).
-            let (covered, uncovered): (Vec<u64>, Vec<u64>) = chunks.iter().partition(|&&i| {
-                durable.contains(&i)
-                    || self
-                        .targets(ChunkRef::new(volume, i))
-                        .is_ok_and(|t| t.iter().any(|p| p != peer && !failed_peers.contains(p)))
-            });
+            // Covered: held by another healthy replica that did not fail
+            // this barrier, so it flushed everything it got (a healthy
+            // replica received every write since it became healthy, and a
+            // resync or move that made it healthy flushed the copy).
+            //
+            // Decided, and recorded in memory, under the lock that writes
+            // and other barriers decide under: two barriers running at once
+            // could otherwise each see the other's failed replica as the
+            // healthy one and give up every copy between them. So a chunk is
+            // covered only by a replica that is still healthy now (one that
+            // flushed it here, or had nothing of it to flush).
+            let (covered, uncovered): (Vec<u64>, Vec<u64>) = {
+                let mut degraded = lock(&self.degraded);
+                let (covered, uncovered): (Vec<u64>, Vec<u64>) = chunks.iter().partition(|&&i| {
+                    self.placed(ChunkRef::new(volume, i))
+                        .iter()
+                        .any(|p| p != peer && !failed_peers.contains(p) && !marked(&degraded, i, p))
+                });
+                for &i in &covered {
+                    degraded.entry(i).or_default().insert(*peer);
+                }
+                (covered, uncovered)
+            };
             if !covered.is_empty() {
                 if let Err(me) = self
                     .mark_degraded(*peer, &covered, epoch, &format!("flush failed: {e}"))
