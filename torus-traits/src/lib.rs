@@ -21,6 +21,7 @@
 pub mod device;
 pub mod error;
 pub mod metadata;
+pub mod pagecache;
 pub mod size;
 pub mod storage;
 pub mod transport;

@@ -12,9 +12,11 @@
 //!
 //! Reads of at least 512 KiB inside the file are not copied: the range is
 //! mapped and locked in memory (`sys::Pinned`), checked against its
-//! checksums there, and handed up as `Bytes` that the socket copies from,
-//! or that quinn holds until the peer acknowledges it (about 10 % less CPU
-//! per GB on 1 MiB reads; see `chunk_dir::PINNED_READ_MIN`). Anything
+//! checksums there, and handed up as `Bytes` that the NBD server splices
+//! into its socket by reference (the mapping is registered as a file view,
+//! `torus_traits::pagecache`), that a peer connection copies from, or that
+//! quinn holds until the peer acknowledges it (see
+//! `chunk_dir::PINNED_READ_MIN`). Anything
 //! else, or a range that fails to map or to check, is read with `pread`.
 //!
 //! Reads, flushes and large writes run on tokio's blocking pool

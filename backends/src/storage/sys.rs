@@ -180,9 +180,14 @@ pub(crate) fn pread_uninit(
 /// truncate a chunk file, so no access lies past its end either. A concurrent
 /// write into the range may be seen part-way, as with any read that overlaps
 /// a write in flight.
+///
+/// While it lives, the mapping is registered as a file view
+/// ([`torus_traits::pagecache`]), so the NBD server may splice its pages
+/// into the socket instead of copying them.
 pub(crate) struct Pinned {
     ptr: std::ptr::NonNull<libc::c_void>,
     len: usize,
+    view: Option<torus_traits::pagecache::FileView>,
 }
 
 // SAFETY: the mapping is plain read-only memory owned by this value; any
@@ -221,14 +226,19 @@ impl Pinned {
         if ptr == libc::MAP_FAILED {
             return None;
         }
-        let pinned = Pinned {
+        let mut pinned = Pinned {
             ptr: std::ptr::NonNull::new(ptr)?,
             len,
+            view: None,
         };
         // SAFETY: locks the pages of the mapping just made, `len` bytes long.
         if unsafe { libc::mlock(ptr, len) } != 0 {
             return None; // unmapped by the drop
         }
+        pinned.view = Some(torus_traits::pagecache::register_file_view(
+            ptr.cast::<u8>(),
+            len,
+        ));
         Some(pinned)
     }
 }
@@ -243,6 +253,8 @@ impl AsRef<[u8]> for Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        // Unregistered first: the address range may be reused once unmapped.
+        self.view = None;
         // SAFETY: unmaps (and so unlocks) exactly the mapping made in `map`;
         // no slice of it outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };

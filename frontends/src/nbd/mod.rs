@@ -3,6 +3,7 @@
 //! - [`proto`]: the wire format as pure encode/decode functions (no I/O),
 //!   property-tested on its own.
 //! - `server`: the tokio server, [`NbdFrontend`], configured by [`NbdOptions`].
+//! - `splice`: large `READ` payloads that are file pages, sent by reference.
 //!
 //! The export name is the volume name; the protocol followed is the
 //! canonical NetworkBlockDevice `doc/proto.md` (fixed newstyle handshake,
@@ -10,5 +11,6 @@
 
 pub mod proto;
 mod server;
+mod splice;
 
 pub use server::{NbdFrontend, NbdOptions};

@@ -14,7 +14,8 @@
 //! - one **writer** task owns the socket's write half and writes the replies
 //!   it receives on a channel, so replies never interleave. Replies are
 //!   batched in a `BufWriter`; a large `READ` payload bypasses the buffer and
-//!   goes to the socket without a copy.
+//!   goes to the socket without a copy, and one that is a view of file
+//!   pages is spliced into it by reference (`splice`).
 //!
 //! Back-pressure: every request holds a slot (and, for data-carrying
 //! requests, its byte count) of two per-connection semaphores from the moment
@@ -35,6 +36,7 @@ use super::proto::{
     InfoRequest, OptionHeader, OptionReply, ProtoError, Request, SimpleReply, CLIENT_FLAGS_LEN,
     OPTION_HEADER_LEN, REQUEST_HEADER_LEN,
 };
+use super::splice::Splicer;
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
@@ -48,6 +50,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use torus_traits::pagecache::is_file_view;
 use torus_traits::{BlockDevice, Error, Frontend, Result, Shutdown, VolumeProvider};
 use tracing::{debug, error, info, warn};
 
@@ -60,6 +63,8 @@ const UNNEGOTIATED_FLAGS: u16 = cmd_flag::DF | cmd_flag::REQ_ONE;
 const READ_BUFFER: usize = 64 * 1024;
 /// Reply buffer: batches small replies into one syscall.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// Smallest `READ` payload worth splicing (when it is file pages at all).
+const SPLICE_MIN: usize = 64 * 1024;
 
 /// Settings of an [`NbdFrontend`].
 #[derive(Debug, Clone)]
@@ -952,19 +957,20 @@ async fn write_replies(
             ))
         })
     }
+    let mut pages = Pages::Untried;
     let result: io::Result<()> = async {
         while let Some(reply) = rx.recv().await {
-            bounded(limit, write_reply(&mut wr, reply)).await?;
+            bounded(limit, write_reply(&mut wr, &mut pages, peer, reply)).await?;
             // Batch whatever else is ready before paying for a flush. The
             // yield lets requests that are already runnable finish first:
             // woken tasks run right after the one that woke them, so without
             // it every reply would cost its own send.
             while let Ok(reply) = rx.try_recv() {
-                bounded(limit, write_reply(&mut wr, reply)).await?;
+                bounded(limit, write_reply(&mut wr, &mut pages, peer, reply)).await?;
             }
             tokio::task::yield_now().await;
             while let Ok(reply) = rx.try_recv() {
-                bounded(limit, write_reply(&mut wr, reply)).await?;
+                bounded(limit, write_reply(&mut wr, &mut pages, peer, reply)).await?;
             }
             bounded(limit, wr.flush()).await?;
         }
@@ -982,19 +988,62 @@ async fn write_replies(
     // the reader stop.
 }
 
-async fn write_reply(wr: &mut BufWriter<OwnedWriteHalf>, reply: Reply) -> io::Result<()> {
+/// How the writer sends payloads that are file pages.
+enum Pages {
+    /// Not tried yet: the pipe is made on the first such payload.
+    Untried,
+    Splice(Splicer),
+    /// Splicing failed to start here; payloads are written as usual.
+    Copy,
+}
+
+impl Pages {
+    fn splicer(&mut self, peer: SocketAddr) -> Option<&Splicer> {
+        if let Pages::Untried = self {
+            *self = match Splicer::new() {
+                Ok(s) => Pages::Splice(s),
+                Err(e) => {
+                    debug!(%peer, "no pipe to splice replies through ({e}); copying them");
+                    Pages::Copy
+                }
+            };
+        }
+        match self {
+            Pages::Splice(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+async fn write_reply(
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    pages: &mut Pages,
+    peer: SocketAddr,
+    reply: Reply,
+) -> io::Result<()> {
     let header = SimpleReply {
         error: reply.error,
         handle: reply.handle,
     }
     .encode();
     wr.write_all(&header).await?;
-    if let Some(data) = &reply.payload {
-        // A payload at least as large as the buffer is written straight to
-        // the socket (after the buffered bytes), without a copy.
-        wr.write_all(data).await?;
+    let Some(data) = &reply.payload else {
+        return Ok(());
+    };
+    if data.len() >= SPLICE_MIN && is_file_view(data) {
+        if let Some(splicer) = pages.splicer(peer) {
+            // The header (and any replies batched before it) go first.
+            wr.flush().await?;
+            if splicer.send(wr.get_ref().as_ref(), data).await? {
+                return Ok(());
+            }
+            debug!(%peer, "splicing is not supported here; copying replies");
+            *pages = Pages::Copy;
+        }
     }
-    Ok(())
+    // A payload at least as large as the buffer is written straight to the
+    // socket (after the buffered bytes), without a copy.
+    wr.write_all(data).await
 }
 
 #[cfg(test)]
