@@ -4,12 +4,15 @@
 //!   replica durable;
 //! - a failed FLUSH followed by a retry that reported success;
 //! - a stale writer's epoch accepted by replicas the new writer had not yet
-//!   written to.
+//!   written to;
+//! - a flush and a write, failing on different replicas, that between them
+//!   gave up every copy of a chunk.
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use torus::catalog;
 use torus::cluster::{self, InitParams};
@@ -241,11 +244,29 @@ async fn a_stale_epoch_is_refused_by_replicas_the_new_writer_never_touched() {
     }
 }
 
-/// Metadata whose lease renewals stop getting through, as when a node is cut
-/// off from etcd: calls fail as unavailable and never say the lease is gone.
+/// Metadata between a node and the real store: lease renewals can stop
+/// getting through, as when a node is cut off from etcd (calls fail as
+/// unavailable and never say the lease is gone), and one transaction can be
+/// held until the test lets it through.
 struct CutOff {
     inner: Arc<dyn MetadataStore>,
     cut: AtomicBool,
+    /// The next transaction stops, says so on `held` and waits for `release`.
+    hold_next_txn: AtomicBool,
+    held: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+impl CutOff {
+    fn over(inner: Arc<dyn MetadataStore>) -> CutOff {
+        CutOff {
+            inner,
+            cut: AtomicBool::new(false),
+            hold_next_txn: AtomicBool::new(false),
+            held: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 #[async_trait]
@@ -268,6 +289,11 @@ impl MetadataStore for CutOff {
         self.inner.delete(key).await
     }
     async fn txn(&self, txn: torus_traits::Txn) -> Result<torus_traits::TxnResponse> {
+        if self.hold_next_txn.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            let permit = self.release.acquire().await;
+            drop(permit.map_err(|e| Error::Other(e.to_string()))?);
+        }
         self.inner.txn(txn).await
     }
     async fn watch(&self, prefix: &[u8]) -> Result<torus_traits::WatchStream> {
@@ -304,10 +330,7 @@ async fn a_writer_cut_off_from_metadata_fences_itself_before_its_lease_lapses() 
     )
     .await
     .unwrap();
-    let cut = Arc::new(CutOff {
-        inner: inner.clone(),
-        cut: AtomicBool::new(false),
-    });
+    let cut = Arc::new(CutOff::over(inner.clone()));
     let meta: Arc<dyn MetadataStore> = cut.clone();
     let store: Arc<dyn BlockStore> = Arc::new(MemoryBlockStore::new(CHUNK, 64 << 20));
     let c = cluster::get(&*meta).await.unwrap().unwrap();
@@ -346,4 +369,140 @@ async fn a_writer_cut_off_from_metadata_fences_itself_before_its_lease_lapses() 
         }
     };
     assert!(fenced_after < ttl, "fenced only after {fenced_after:?}");
+}
+
+/// Routes each call to the in-process replica at its address, failing the
+/// kinds of request a test picks for each address.
+struct Peers {
+    replicas: HashMap<String, Arc<Replica>>,
+    failing: Mutex<HashSet<(String, &'static str)>>,
+}
+
+impl Peers {
+    fn fail(&self, addr: &str, kind: &'static str) {
+        lock(&self.failing).insert((addr.to_string(), kind));
+    }
+    fn heal(&self) {
+        lock(&self.failing).clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl PeerTransport for Peers {
+    async fn listen(&self, _: &str, _: Arc<dyn PeerHandler>) -> Result<Box<dyn PeerListener>> {
+        Err(Error::Unsupported(
+            "this test transport does not listen".into(),
+        ))
+    }
+    async fn call(&self, addr: &str, request: PeerRequest) -> Result<PeerResponse> {
+        let kind = match request {
+            PeerRequest::Write { .. } => "write",
+            PeerRequest::Flush { .. } => "flush",
+            _ => "other",
+        };
+        if lock(&self.failing).contains(&(addr.to_string(), kind)) {
+            return Err(Error::Unavailable(format!(
+                "{kind}: {addr} unreachable (injected)"
+            )));
+        }
+        let Some(replica) = self.replicas.get(addr) else {
+            return Err(Error::Unavailable(format!("no peer at {addr}")));
+        };
+        replica.handle(request).await
+    }
+}
+
+/// A flush that gives up the replicas it could not flush, while a write
+/// gives up the replica the flush counted on, must leave the chunk a copy:
+/// the flush may only count a replica that is still healthy when it records
+/// its decision. (Once, the flush counted a replica that had flushed in the
+/// same barrier; a write that failed on it meanwhile gave it up, and the
+/// flush then gave up the last one: the chunk had no replica left.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_and_a_write_failing_on_different_replicas_leave_a_copy() {
+    let meta = Arc::new(CutOff::over(Arc::new(MemoryMetadata::new())));
+    let store = || {
+        Arc::new(Replica::new(Arc::new(MemoryBlockStore::new(
+            CHUNK,
+            64 << 20,
+        ))))
+    };
+    // This node is the writer only; the three replicas are all remote, so
+    // every one of their answers can be failed.
+    let ids = [pid(2), pid(3), pid(4)];
+    let dir = Arc::new(PeerDirectory::default());
+    let mut replicas = HashMap::new();
+    for id in ids {
+        dir.set(id, format!("{id}"));
+        replicas.insert(format!("{id}"), store());
+    }
+    let peers = Arc::new(Peers {
+        replicas,
+        failing: Mutex::new(HashSet::new()),
+    });
+    let ring = Ring {
+        version: 1,
+        replication: 3,
+        members: ids.iter().map(|&id| RingMember { id, weight: 1 }).collect(),
+    };
+    let link = ClusterLink {
+        me: pid(1),
+        local: store(),
+        transport: Some(peers.clone() as Arc<dyn PeerTransport>),
+        meta: meta.clone() as Arc<dyn MetadataStore>,
+        ring: Arc::new(RwLock::new(Arc::new(ring))),
+        directory: dir,
+        copied: Default::default(),
+    };
+    let vol = VolumeId(9);
+    let io = Arc::new(ReplicatedChunks::open(link, vol, 3).await.unwrap());
+    let (e, c) = (Epoch(1), ChunkRef::new(vol, 0));
+    io.write(c, 0, Bytes::from_static(b"one"), e).await.unwrap();
+    let placed = io.healthy_replicas(c).unwrap();
+    assert_eq!(placed.len(), 3);
+    let (x, y, z) = (placed[0], placed[1], placed[2]);
+
+    // The flush reaches x but not y or z; its record of the first replica it
+    // gives up stops in metadata.
+    peers.fail(&format!("{y}"), "flush");
+    peers.fail(&format!("{z}"), "flush");
+    meta.hold_next_txn.store(true, Ordering::SeqCst);
+    let flushing = tokio::spawn({
+        let io = io.clone();
+        async move { io.flush(vol, e).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), meta.held.notified())
+        .await
+        .expect("the flush gives a replica up");
+
+    // Meanwhile a write misses x, the copy the flush counted on; it still
+    // reaches the replica the flush has not given up yet.
+    peers.fail(&format!("{x}"), "write");
+    io.write(c, 0, Bytes::from_static(b"two"), e)
+        .await
+        .expect("the write reaches a healthy replica");
+    meta.release.add_permits(1);
+    let flushed = tokio::time::timeout(Duration::from_secs(10), flushing)
+        .await
+        .expect("the flush finishes")
+        .unwrap();
+
+    let left = io.healthy_replicas(c);
+    assert!(
+        left.as_ref().is_ok_and(|l| l.len() == 1),
+        "the chunk must keep exactly the one replica holding every write, got {left:?}"
+    );
+    assert!(
+        flushed.is_err(),
+        "the last copy could not be flushed: the FLUSH must fail, not succeed"
+    );
+    // Once the peers answer again the retried flush succeeds and the
+    // acknowledged write is there.
+    peers.heal();
+    io.flush(vol, e).await.expect("the retried flush");
+    assert_eq!(&io.read(c, 0, 3).await.unwrap()[..], b"two");
 }
