@@ -13,6 +13,15 @@ fn node(dir: &tempfile::TempDir) -> Torusd {
     Torusd::start(&dir.path().join("node"), &["--size", "1GiB"])
 }
 
+/// A node that splices large reads into the socket (`nbd.splice_reads`).
+fn splicing_node(dir: &tempfile::TempDir) -> Torusd {
+    Torusd::start_env(
+        &dir.path().join("node"),
+        &["--size", "1GiB"],
+        &[("TORUS_NBD__SPLICE_READS", "true")],
+    )
+}
+
 /// A node whose pool is in an object store: a `file://` bucket under `dir`.
 fn object_node(dir: &tempfile::TempDir) -> Torusd {
     let bucket = dir.path().join("bucket");
@@ -186,11 +195,18 @@ fn fio_random_writes_verify_crc32c_on(start: fn(&tempfile::TempDir) -> Torusd) {
 }
 
 /// Requests of 1 MiB + 512 bytes, so that nearly every one starts inside a
-/// page and some span two chunks: the large reads that are sent from the
-/// page cache by reference (spliced) must come back whole and in order.
+/// page and some span two chunks: the large reads, served from locked
+/// mappings of the page cache, must come back whole and in order.
 #[test]
 fn large_unaligned_reads_verify_crc32c() {
     fio_verify_on(node, "write", "1049088", 8);
+}
+
+/// The same with `nbd.splice_reads`: the large reads are spliced into the
+/// socket by reference.
+#[test]
+fn large_unaligned_spliced_reads_verify_crc32c() {
+    fio_verify_on(splicing_node, "write", "1049088", 8);
 }
 
 /// fio writes 32 MiB with `rw` in requests of `bs` and reads it all back,

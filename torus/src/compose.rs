@@ -246,6 +246,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
             max_request: cfg.nbd.max_request.0 as u32,
             max_in_flight: cfg.nbd.max_in_flight,
             read_only: cfg.nbd.read_only,
+            splice_reads: cfg.nbd.splice_reads,
             ..NbdOptions::default()
         };
         let provider: Arc<dyn VolumeProvider> = Arc::new(node.clone());

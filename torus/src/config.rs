@@ -149,6 +149,10 @@ pub struct NbdConfig {
     pub max_in_flight: usize,
     /// Serve every volume read-only.
     pub read_only: bool,
+    /// Splice large reads from the page cache into the socket instead of
+    /// copying them (see the README's Performance section: a gain on some
+    /// machines, a loss on others).
+    pub splice_reads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +263,7 @@ impl Default for NbdConfig {
             max_request: ByteSize(32 << 20),
             max_in_flight: 128,
             read_only: false,
+            splice_reads: false,
         }
     }
 }
@@ -655,6 +660,15 @@ mod tests {
         assert_eq!(c.nbd.listen, "127.0.0.1:10809");
         assert_eq!(c.admin_addr(), "127.0.0.1:4321");
         assert_eq!(c.data_dir, PathBuf::from("./torus-data"));
+        // Copying large reads is the default; splicing them is asked for.
+        assert!(!c.nbd.splice_reads);
+        assert!(
+            load_text("[nbd]\nsplice_reads = true\n")
+                .unwrap()
+                .nbd
+                .splice_reads
+        );
+        assert!(load_text("[nbd]\nsplice_reads = 3\n").is_err());
     }
 
     #[test]
