@@ -1046,7 +1046,9 @@ async fn write_reply(
     let Some(data) = &reply.payload else {
         return Ok(());
     };
-    if data.len() >= SPLICE_MIN && is_file_view(data) {
+    // Asked in this order so that with splicing off (the default) no large
+    // reply pays for a look into the global registry of file views.
+    if data.len() >= SPLICE_MIN && !matches!(pages, Pages::Copy) && is_file_view(data) {
         if let Some(splicer) = pages.splicer(peer) {
             // The header (and any replies batched before it) go first.
             wr.flush().await?;
