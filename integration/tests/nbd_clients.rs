@@ -195,15 +195,23 @@ fn fio_random_writes_verify_crc32c_on(start: fn(&tempfile::TempDir) -> Torusd) {
 }
 
 /// Requests of 1 MiB + 512 bytes, so that nearly every one starts inside a
-/// page and some span two chunks: the large reads, served from locked
-/// mappings of the page cache, must come back whole and in order.
+/// page and some span two chunks: the large reads, over the 1 MiB that is
+/// read on the request's own task and so read on the blocking pool, must
+/// come back whole and in order.
 #[test]
 fn large_unaligned_reads_verify_crc32c() {
     fio_verify_on(node, "write", "1049088", 8);
 }
 
-/// The same with `nbd.splice_reads`: the large reads are spliced into the
-/// socket by reference.
+/// The same with requests of 1 MiB - 3.5 KiB, which the store serves from
+/// the page cache on the request's task (`RWF_NOWAIT`).
+#[test]
+fn large_unaligned_cached_reads_verify_crc32c() {
+    fio_verify_on(node, "write", "1044992", 8);
+}
+
+/// The same with `nbd.splice_reads`: the large reads are mapped, locked
+/// and spliced into the socket by reference.
 #[test]
 fn large_unaligned_spliced_reads_verify_crc32c() {
     fio_verify_on(splicing_node, "write", "1049088", 8);

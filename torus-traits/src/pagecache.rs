@@ -12,9 +12,40 @@
 //! file's data (a later write to that range can show through, which is the
 //! same as a read overlapping that write). So nothing unregistered is ever
 //! spliced.
+//!
+//! Mapping and locking pages costs more than the copy it saves unless
+//! someone splices them, so stores make views only while a consumer has
+//! said it wants them ([`want_views`]; the NBD server with splicing on).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
+
+/// How many [`ViewsWanted`] are alive.
+static CONSUMERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by a consumer of file views (one that can send them by reference);
+/// dropping it withdraws the wish.
+#[derive(Debug)]
+pub struct ViewsWanted(());
+
+/// Says that file views are wanted, until the returned value is dropped.
+pub fn want_views() -> ViewsWanted {
+    CONSUMERS.fetch_add(1, Ordering::Relaxed);
+    ViewsWanted(())
+}
+
+impl Drop for ViewsWanted {
+    fn drop(&mut self) {
+        CONSUMERS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether any consumer wants file views: a store that can read either way
+/// makes a view only then, and otherwise copies.
+pub fn views_wanted() -> bool {
+    CONSUMERS.load(Ordering::Relaxed) > 0
+}
 
 /// Registered views: start address → end address (exclusive).
 static VIEWS: RwLock<BTreeMap<usize, usize>> = RwLock::new(BTreeMap::new());

@@ -177,7 +177,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
-use torus_traits::{ChunkRef, ChunkScan, Error, Result, VolumeId, SECTOR};
+use torus_traits::{pagecache, ChunkRef, ChunkScan, Error, Result, VolumeId, SECTOR};
 
 /// How bytes move between memory and one open chunk file.
 pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
@@ -198,7 +198,8 @@ pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
     }
     /// The bytes at `offset` without copying them, when the store can
     /// (`None`: use `read_vec`). Only asked for reads of at least
-    /// [`PINNED_READ_MIN`] bytes.
+    /// [`PINNED_READ_MIN`] bytes, and only while someone wants file views
+    /// (`torus_traits::pagecache::views_wanted`).
     fn read_pinned(&self, _offset: u64, _len: usize) -> Option<Bytes> {
         None
     }
@@ -207,6 +208,19 @@ pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
     /// part of the data). By default nothing can be read that way.
     fn read_cached(&self, _offset: u64, _buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
         Ok(false)
+    }
+    /// `read_cached` into a new buffer of `len` bytes (`None`: not done).
+    /// The default zero-fills one and calls `read_cached`; a store whose
+    /// reads fill every byte themselves skips the zeroing, as in
+    /// `read_vec`.
+    fn read_cached_vec(
+        &self,
+        offset: u64,
+        len: usize,
+        alloc: &Bitmap,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; len];
+        Ok(self.read_cached(offset, &mut buf, alloc)?.then_some(buf))
     }
     /// Reads a block that a write on the calling task is about to cover
     /// partly (to check and re-checksum it), like `read_cached`. A store
@@ -551,7 +565,7 @@ impl<H: ChunkIo> ChunkDir<H> {
         // Whole blocks, to check their checksums.
         let (start, end) = aligned(offset, len);
         let at = (offset - start) as usize;
-        if end - start >= PINNED_READ_MIN as u64 {
+        if end - start >= PINNED_READ_MIN as u64 && pagecache::views_wanted() {
             if let Some(data) = h.io.read_pinned(start, (end - start) as usize) {
                 if mismatches(&chunk, &h.sums, start, &data).is_empty() {
                     return Ok(data.slice(at..at + len as usize));
@@ -597,9 +611,11 @@ impl<H: ChunkIo> ChunkDir<H> {
         };
         chunk.referenced.store(true, Ordering::Relaxed);
         let (start, end) = aligned(offset, len);
-        let mut buf = vec![0u8; (end - start) as usize];
-        match handle.io.read_cached(start, &mut buf, &chunk.alloc) {
-            Ok(true) if mismatches(&chunk, &handle.sums, start, &buf).is_empty() => {
+        match handle
+            .io
+            .read_cached_vec(start, (end - start) as usize, &chunk.alloc)
+        {
+            Ok(Some(buf)) if mismatches(&chunk, &handle.sums, start, &buf).is_empty() => {
                 let at = (offset - start) as usize;
                 Ok(Some(Bytes::from(buf).slice(at..at + len as usize)))
             }
@@ -1480,24 +1496,39 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
-/// Largest write, and largest read served from the page cache, done on the
-/// calling task instead of the blocking pool.
+/// Largest write done on the calling task instead of the blocking pool.
 ///
 /// A small buffered write only copies into the page cache: a few
 /// microseconds, less than handing it to a blocking-pool thread and waking
 /// the task again (two context switches, which dominated small replicated
-/// writes in profiles). Reads try the page cache without blocking first
-/// (`RWF_NOWAIT`) and go to the pool only when the disk must be read, or
-/// when a checksum fails. A write goes to the pool when its chunk must
+/// writes in profiles). A write goes to the pool when its chunk must
 /// first be entered in the dirty log (a sync) or a block it covers partly
-/// is not cached. Larger I/O and flushes always go to the pool.
+/// is not cached. Larger writes and flushes always go to the pool.
 pub(crate) const INLINE_IO_MAX: usize = 64 * 1024;
 
+/// Largest read served from the page cache on the calling task. Reads try
+/// the page cache without blocking first (`RWF_NOWAIT`) and go to the pool
+/// only when the disk must be read, or when a checksum fails.
+///
+/// Up to 1 MiB, because the hand-off costs more than it spares the task:
+/// a 1 MiB copy and its checksums take about 0.1 ms, while every
+/// `spawn_blocking` takes the blocking pool's one lock, which the pool's
+/// threads also take, and on two cores that lock was contended on every
+/// large read (`sched_yield` in its spin loop, 1,000 a second per worker).
+/// Served on the task, 1 MiB reads cost the server a fifth less CPU
+/// (0.41–0.45 instead of 0.50–0.53 s per GB). Larger reads, and large
+/// reads while file views are wanted ([`PINNED_READ_MIN`]), still go to
+/// the pool.
+pub(crate) const INLINE_READ_MAX: usize = 1024 * 1024;
+
 /// Reads this large are served from the page cache without a copy where the
-/// store can ([`ChunkIo::read_pinned`]). Below it, mapping and locking cost
-/// more than the copy they save (measured with 1 MiB reads: about 0.16
-/// CPU-s/GB instead of 0.20 including checksums and the socket's copy; no
-/// gain at 256 KiB).
+/// store can ([`ChunkIo::read_pinned`]) while a consumer wants file views
+/// (`torus_traits::pagecache::views_wanted`: the NBD server with splicing
+/// on). Below it, mapping and locking cost more than the copy they save
+/// (no gain at 256 KiB). Without a consumer the mapping is not worth it
+/// either: mapping, locking and unmapping (which takes the process's
+/// memory-map lock and shoots down other cores' TLB entries) cost about
+/// what the copy does, and they need the blocking pool.
 pub(crate) const PINNED_READ_MIN: usize = 512 * 1024;
 
 /// Runs one of the engine's blocking operations on tokio's blocking pool.
@@ -1513,7 +1544,8 @@ pub(crate) async fn blocking<H: ChunkIo, T: Send + 'static>(
 
 /// Implements `BlockStore` for a store type holding `dir: Arc<ChunkDir<_>>`,
 /// running every operation that does I/O on the blocking pool except small
-/// writes and small reads the page cache holds (see [`INLINE_IO_MAX`]).
+/// writes and reads the page cache holds (see [`INLINE_IO_MAX`] and
+/// [`INLINE_READ_MAX`]).
 macro_rules! chunk_dir_block_store {
     ($store:ty) => {
         #[async_trait::async_trait]
@@ -1536,7 +1568,12 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 len: u64,
             ) -> torus_traits::Result<bytes::Bytes> {
-                if len <= $crate::storage::chunk_dir::INLINE_IO_MAX as u64 {
+                use $crate::storage::chunk_dir::{INLINE_IO_MAX, INLINE_READ_MAX, PINNED_READ_MIN};
+                let inline = len <= INLINE_IO_MAX as u64
+                    || (len <= INLINE_READ_MAX as u64
+                        && (len < PINNED_READ_MIN as u64
+                            || !torus_traits::pagecache::views_wanted()));
+                if inline {
                     if let Some(data) = self.dir.read_cached(chunk, offset, len)? {
                         return Ok(data);
                     }

@@ -10,20 +10,21 @@
 //! directory whose entries changed, after which the dirty log that makes the
 //! checksums crash consistent is emptied.
 //!
-//! Reads of at least 512 KiB inside the file are not copied: the range is
-//! mapped and locked in memory (`sys::Pinned`), checked against its
-//! checksums there, and handed up as `Bytes` that the NBD server splices
-//! into its socket by reference (the mapping is registered as a file view,
-//! `torus_traits::pagecache`), that a peer connection copies from, or that
-//! quinn holds until the peer acknowledges it (see
-//! `chunk_dir::PINNED_READ_MIN`). Anything
-//! else, or a range that fails to map or to check, is read with `pread`.
+//! Reads are copied with `pread` into memory that is not zeroed first. While
+//! a consumer wants file views (the NBD server with splicing on), reads of
+//! at least 512 KiB inside the file are not copied: the range is mapped and
+//! locked in memory (`sys::Pinned`), checked against its checksums there,
+//! and handed up as `Bytes` that the NBD server splices into its socket by
+//! reference (the mapping is registered as a file view,
+//! `torus_traits::pagecache`; see `chunk_dir::PINNED_READ_MIN`). A range
+//! that fails to map or to check is read with `pread`.
 //!
 //! Reads, flushes and large writes run on tokio's blocking pool
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
-//! is cheaper than the hand-off, and so do reads of up to 64 KiB that the
-//! page cache holds (see `chunk_dir::INLINE_IO_MAX`; a write still goes to
+//! is cheaper than the hand-off, and so do reads of up to 1 MiB that the
+//! page cache holds (`preadv2` with `RWF_NOWAIT`; see
+//! `chunk_dir::INLINE_IO_MAX` and `INLINE_READ_MAX`; a write still goes to
 //! the pool when its chunk must first be entered in the dirty log, once per
 //! chunk per flush). Files are read
 //! and written concurrently through one shared descriptor each: `pread` and
@@ -143,6 +144,30 @@ impl ChunkIo for FileChunk {
 
     fn read_pinned(&self, offset: u64, len: usize) -> Option<Bytes> {
         sys::Pinned::map(&self.file, offset, len).map(Bytes::from_owner)
+    }
+
+    fn read_cached_vec(
+        &self,
+        offset: u64,
+        len: usize,
+        _alloc: &Bitmap,
+    ) -> io::Result<Option<Vec<u8>>> {
+        // As `read_vec`, but without waiting for the disk.
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let done = buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..len - done];
+            let n = match sys::pread_cached_uninit(&self.file, spare, offset + done as u64)? {
+                Some(0) => break, // end of file: the rest reads as zeros
+                Some(n) => n,
+                None => return Ok(None),
+            };
+            // SAFETY: preadv2 initialised the next `n` bytes (n <= the
+            // spare capacity passed in).
+            unsafe { buf.set_len(done + n) };
+        }
+        buf.resize(len, 0);
+        Ok(Some(buf))
     }
 
     fn read_cached(&self, offset: u64, buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
@@ -296,9 +321,12 @@ mod tests {
         assert!(sys::Pinned::map(&file, 0, 0).is_none());
         assert!(sys::Pinned::map(&file, MIB as u64, MIB + 4096).is_none());
 
-        // Through the store: a mapped read, an unaligned one, and one that
-        // runs past the end of the file (the rest reads as zeros).
+        // Through the store, while views are wanted: a mapped read, an
+        // unaligned one, and one that runs past the end of the file (the
+        // rest reads as zeros).
+        let views = torus_traits::pagecache::want_views();
         let got = store.dir.read(chunk, 0, MIB as u64).expect("read");
+        assert!(torus_traits::pagecache::is_file_view(&got), "mapped");
         assert_eq!(&got[..], &data[..MIB]);
         let got = store.dir.read(chunk, 1000, MIB as u64).expect("read");
         assert_eq!(&got[..], &data[1000..1000 + MIB]);
@@ -313,6 +341,47 @@ mod tests {
         file.write_all_at(&[data[MIB + 5] ^ 0xff], MIB as u64 + 5)
             .expect("flip");
         match store.dir.read(chunk, 0, 2 * MIB as u64) {
+            Err(torus_traits::Error::Corrupt(msg)) => assert!(msg.contains("block 256"), "{msg}"),
+            other => panic!("expected a checksum error, got {other:?}"),
+        }
+        drop(views);
+    }
+
+    #[test]
+    fn large_cached_reads_are_checked_and_zero_past_the_end() {
+        const MIB: usize = 1 << 20;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = FileBlockStore::open(tmp.path(), 4 << 20, 16 << 20).expect("open");
+        let chunk = ChunkRef::new(VolumeId(1), 0);
+        let data: Vec<u8> = (0..MIB + 8192).map(|i| (i % 251) as u8).collect();
+        store.dir.write(chunk, 0, &data).expect("write");
+        // Just written, so cached: served without the pool, unaligned, and
+        // past the end of the file as zeros.
+        let got = store
+            .dir
+            .read_cached(chunk, 100, MIB as u64)
+            .expect("read")
+            .expect("cached");
+        assert!(got[..] == data[100..100 + MIB], "bytes differ");
+        let got = store
+            .dir
+            .read_cached(chunk, MIB as u64, MIB as u64)
+            .expect("read")
+            .expect("cached");
+        assert!(got[..8192] == data[MIB..], "bytes differ");
+        assert!(got[8192..].iter().all(|&b| b == 0), "zeros past the end");
+
+        // A flipped byte is not served from the cache: the blocking read
+        // looks again and reports it.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.path().join("1").join("0"))
+            .expect("chunk file");
+        file.write_all_at(&[data[MIB + 5] ^ 0xff], MIB as u64 + 5)
+            .expect("flip");
+        let cached = store.dir.read_cached(chunk, 0, MIB as u64 + 4096);
+        assert!(matches!(cached, Ok(None)), "{cached:?}");
+        match store.dir.read(chunk, 0, MIB as u64 + 4096) {
             Err(torus_traits::Error::Corrupt(msg)) => assert!(msg.contains("block 256"), "{msg}"),
             other => panic!("expected a checksum error, got {other:?}"),
         }

@@ -131,18 +131,48 @@ pub(crate) fn open_files_soft_limit() -> Option<u64> {
 /// `RWF_NOWAIT`): `Some(n)` bytes read (0 at the end of the file), or `None`
 /// when the data is not all cached or the file system cannot tell.
 pub(crate) fn pread_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which
+    // is valid and exclusively borrowed for the call.
+    unsafe { preadv2_nowait(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// [`pread_cached`] into memory not yet initialised; the `n` bytes read
+/// are then initialised.
+pub(crate) fn pread_cached_uninit(
+    file: &File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    offset: u64,
+) -> io::Result<Option<usize>> {
+    // SAFETY: as in `pread_cached`; writing to uninitialised memory is fine.
+    unsafe { preadv2_nowait(file, buf.as_mut_ptr().cast(), buf.len(), offset) }
+}
+
+/// `preadv2(RWF_NOWAIT)` of `len` bytes into `ptr`.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes, and not otherwise
+/// accessed during the call.
+unsafe fn preadv2_nowait(
+    file: &File,
+    ptr: *mut u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<Option<usize>> {
     let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_base: ptr.cast(),
+        iov_len: len,
     };
     let offset = off_t(offset)?;
-    // SAFETY: one iovec describing `buf`, which is valid and exclusively
-    // borrowed for the call; the descriptor is kept open by `file`.
+    // SAFETY: one iovec describing memory the caller vouches for; the
+    // descriptor is kept open by `file`.
     let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
-            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
+            // Interrupted too: the caller then reads the usual way.
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::EINTR) => {
+                Ok(None)
+            }
             _ => Err(e),
         };
     }

@@ -3,6 +3,8 @@
 //! - [`proto`]: the wire format as pure encode/decode functions (no I/O),
 //!   property-tested on its own.
 //! - `server`: the tokio server, [`NbdFrontend`], configured by [`NbdOptions`].
+//! - `replies`: the reply stream, batched, with large payloads sent in the
+//!   same `writev` as their header.
 //! - `splice`: large `READ` payloads that are file pages, sent by reference.
 //!
 //! The export name is the volume name; the protocol followed is the
@@ -10,6 +12,7 @@
 //! simple replies only).
 
 pub mod proto;
+mod replies;
 mod server;
 mod splice;
 

@@ -12,9 +12,9 @@
 //!   on the reader instead, as the peer server does, random reads fell
 //!   by a fifth); a request that panics gets `EIO`;
 //! - one **writer** task owns the socket's write half and writes the replies
-//!   it receives on a channel, so replies never interleave. Replies are
-//!   batched in a `BufWriter`; a large `READ` payload bypasses the buffer and
-//!   goes to the socket without a copy, and, with
+//!   it receives on a channel, so replies never interleave. Small replies
+//!   are batched; a large `READ` payload goes to the socket without a copy,
+//!   in the same `writev` as its header (see `replies`), and, with
 //!   [`NbdOptions::splice_reads`], one that is a view of file pages is
 //!   spliced into it by reference (`splice`).
 //!
@@ -37,6 +37,7 @@ use super::proto::{
     InfoRequest, OptionHeader, OptionReply, ProtoError, Request, SimpleReply, CLIENT_FLAGS_LEN,
     OPTION_HEADER_LEN, REQUEST_HEADER_LEN,
 };
+use super::replies::{ReplyWriter, WRITE_BUFFER};
 use super::splice::Splicer;
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -51,7 +52,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use torus_traits::pagecache::is_file_view;
+use torus_traits::pagecache::{is_file_view, want_views, ViewsWanted};
 use torus_traits::{BlockDevice, Error, Frontend, Result, Shutdown, VolumeProvider};
 use tracing::{debug, error, info, warn};
 
@@ -62,8 +63,6 @@ const UNNEGOTIATED_FLAGS: u16 = cmd_flag::DF | cmd_flag::REQ_ONE;
 /// Socket read buffer: big enough to batch many small headers, small enough
 /// that large `WRITE` payloads bypass it.
 const READ_BUFFER: usize = 64 * 1024;
-/// Reply buffer: batches small replies into one syscall.
-const WRITE_BUFFER: usize = 64 * 1024;
 /// Smallest `READ` payload worth splicing (when it is file pages at all).
 const SPLICE_MIN: usize = 64 * 1024;
 
@@ -89,7 +88,9 @@ pub struct NbdOptions {
     /// its volume (and the volume's writer lock) open forever.
     pub reply_timeout: Duration,
     /// Splice large `READ` payloads that are views of file pages into the
-    /// socket by reference instead of copying them (see [`Splicer`]). Off
+    /// socket by reference instead of copying them (see [`Splicer`]); the
+    /// stores then make such views of large reads (while this frontend
+    /// lives) instead of copying them into a buffer. Off
     /// by default: it saves the server a copy, but the client then copies
     /// out of page-cache pages instead of fresh socket buffers, and whether
     /// that is a gain depends on the machine (1 MiB reads: +35 % on one
@@ -138,6 +139,8 @@ pub struct NbdFrontend {
     local_addr: SocketAddr,
     provider: Arc<dyn VolumeProvider>,
     options: Arc<NbdOptions>,
+    /// With splicing on: asks the stores for file views of large reads.
+    _views: Option<ViewsWanted>,
 }
 
 impl NbdFrontend {
@@ -160,6 +163,7 @@ impl NbdFrontend {
             listener: std::sync::Mutex::new(Some(listener)),
             local_addr,
             provider,
+            _views: options.splice_reads.then(want_views),
             options: Arc::new(options),
         })
     }
@@ -341,6 +345,8 @@ async fn run_connection(
     };
     info!(%peer, export = %export.name, size = export.size, read_only = export.read_only,
           "NBD client attached");
+    // Every handshake reply was flushed: the buffer is empty.
+    let wr = ReplyWriter::new(wr.into_inner());
     transmission(rd, wr, export, peer, &options, stop).await;
 }
 
@@ -609,7 +615,7 @@ struct Conn<'a> {
 
 async fn transmission(
     rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
+    wr: ReplyWriter,
     export: Export,
     peer: SocketAddr,
     options: &NbdOptions,
@@ -954,7 +960,7 @@ async fn drain(rd: &mut BufReader<OwnedReadHalf>, mut len: usize) -> io::Result<
 
 /// The writer task: the only one that writes to the socket after the handshake.
 async fn write_replies(
-    mut wr: BufWriter<OwnedWriteHalf>,
+    mut wr: ReplyWriter,
     mut rx: mpsc::Receiver<Reply>,
     peer: SocketAddr,
     limit: Duration,
@@ -1032,7 +1038,7 @@ impl Pages {
 }
 
 async fn write_reply(
-    wr: &mut BufWriter<OwnedWriteHalf>,
+    wr: &mut ReplyWriter,
     pages: &mut Pages,
     peer: SocketAddr,
     reply: Reply,
@@ -1042,7 +1048,7 @@ async fn write_reply(
         handle: reply.handle,
     }
     .encode();
-    wr.write_all(&header).await?;
+    wr.put(&header).await?;
     let Some(data) = &reply.payload else {
         return Ok(());
     };
@@ -1052,16 +1058,14 @@ async fn write_reply(
         if let Some(splicer) = pages.splicer(peer) {
             // The header (and any replies batched before it) go first.
             wr.flush().await?;
-            if splicer.send(wr.get_ref().as_ref(), data).await? {
+            if splicer.send(wr.socket(), data).await? {
                 return Ok(());
             }
             debug!(%peer, "splicing is not supported here; copying replies");
             *pages = Pages::Copy;
         }
     }
-    // A payload at least as large as the buffer is written straight to the
-    // socket (after the buffered bytes), without a copy.
-    wr.write_all(data).await
+    wr.put(data).await
 }
 
 #[cfg(test)]
