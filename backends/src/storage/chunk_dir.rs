@@ -1516,7 +1516,7 @@ pub(crate) const INLINE_IO_MAX: usize = 64 * 1024;
 /// threads also take, and on two cores that lock was contended on every
 /// large read (`sched_yield` in its spin loop, 1,000 a second per worker).
 /// Served on the task, 1 MiB reads cost the server a fifth less CPU
-/// (0.41–0.45 instead of 0.50–0.53 s per GB). Larger reads, and large
+/// (0.42–0.46 instead of 0.50–0.53 s per GB on the same data). Larger reads, and large
 /// reads while file views are wanted ([`PINNED_READ_MIN`]), still go to
 /// the pool.
 pub(crate) const INLINE_READ_MAX: usize = 1024 * 1024;
