@@ -107,7 +107,8 @@ struct Snapshot {
 async fn snapshot(store: &dyn BlockStore, chunks: &[ChunkRef]) -> Snapshot {
     let mut data = Vec::new();
     for &chunk in chunks {
-        // Copied: a large read from the file store is a mapping of its file,
+        // Copied: a large read from the file store may be a mapping of its
+        // file (while file views are wanted),
         // and one kept while the mmap store writes the same file through its
         // own mapping makes ext4 allocate whole (large) folios there, which
         // the mmap store's accounting does not expect. One store per

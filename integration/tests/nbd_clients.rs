@@ -196,8 +196,8 @@ fn fio_random_writes_verify_crc32c_on(start: fn(&tempfile::TempDir) -> Torusd) {
 
 /// Requests of 1 MiB + 512 bytes, so that nearly every one starts inside a
 /// page and some span two chunks: the large reads, over the 1 MiB that is
-/// read on the request's own task and so read on the blocking pool, must
-/// come back whole and in order.
+/// read on the request's own task and so (but for those split between two
+/// chunks) read on the blocking pool, must come back whole and in order.
 #[test]
 fn large_unaligned_reads_verify_crc32c() {
     fio_verify_on(node, "write", "1049088", 8);

@@ -181,6 +181,10 @@ use torus_traits::{pagecache, ChunkRef, ChunkScan, Error, Result, VolumeId, SECT
 
 /// How bytes move between memory and one open chunk file.
 pub(crate) trait ChunkIo: Send + Sync + Sized + 'static {
+    /// Whether `read_cached` can ever succeed: without it a read is not
+    /// even tried on the calling task (which would allocate a buffer for
+    /// nothing).
+    const CACHED_READS: bool = false;
     /// Prepares a chunk file, open for reading and writing, for I/O.
     fn open(file: File, chunk_size: u64) -> io::Result<Self>;
     /// The underlying file, for `fdatasync` and `fallocate`.
@@ -591,6 +595,9 @@ impl<H: ChunkIo> ChunkDir<H> {
     /// (also when a checksum fails: `read` looks again, under a lock).
     pub(crate) fn read_cached(&self, id: ChunkRef, offset: u64, len: u64) -> Result<Option<Bytes>> {
         check_range(id, offset, len, self.chunk_size)?;
+        if !H::CACHED_READS {
+            return Ok(None);
+        }
         let zeros = || Ok(Some(Bytes::from(vec![0u8; len as usize])));
         if len == 0 {
             return Ok(Some(Bytes::new()));

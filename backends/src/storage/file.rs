@@ -23,7 +23,8 @@
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
 //! is cheaper than the hand-off, and so do reads of up to 1 MiB that the
-//! page cache holds (`preadv2` with `RWF_NOWAIT`; see
+//! page cache holds (`preadv2` with `RWF_NOWAIT`; those of 512 KiB or
+//! more go to the pool while file views are wanted; see
 //! `chunk_dir::INLINE_IO_MAX` and `INLINE_READ_MAX`; a write still goes to
 //! the pool when its chunk must first be entered in the dirty log, once per
 //! chunk per flush). Files are read
@@ -106,6 +107,7 @@ pub(crate) struct FileChunk {
 }
 
 impl ChunkIo for FileChunk {
+    const CACHED_READS: bool = true;
     fn open(file: File, _chunk_size: u64) -> io::Result<Self> {
         Ok(FileChunk { file })
     }

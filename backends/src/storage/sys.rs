@@ -199,10 +199,12 @@ pub(crate) fn pread_uninit(
 /// A range of a file mapped read-only and locked in memory (`mmap` with
 /// `MAP_SHARED`, then `mlock`), readable as a byte slice until dropped.
 ///
-/// This is how large reads avoid copying into a buffer: the checksums are
-/// computed over the mapping and the socket copies from it (QUIC keeps the
-/// mapping until the peer acknowledges it, and reads it again for a resend,
-/// so it stays locked that long). Locking is what makes reading the mapping
+/// This is how large reads avoid copying into a buffer while someone wants
+/// file views (`torus_traits::pagecache::views_wanted`: the NBD server with
+/// splicing on): the checksums are computed over the mapping and the
+/// socket takes its pages by reference (a QUIC peer connection in the same
+/// process keeps such a mapping until the peer acknowledges it, and reads
+/// it again for a resend, so it stays locked that long). Locking is what makes reading the mapping
 /// safe: `mlock` faults every page in first (an I/O error makes it fail, so
 /// the caller falls back to `pread`, which reports it) and keeps the pages
 /// resident, so no later access can fault on the disk and raise `SIGBUS`.

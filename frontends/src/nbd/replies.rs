@@ -8,7 +8,9 @@
 //! separate `write`, that header would leave as a 16-byte segment of its
 //! own (the socket has `TCP_NODELAY`) and wake the client for nothing: on
 //! 1 MiB reads the client made a third more syscalls and context switches
-//! per reply, and the server one more send.
+//! per reply, and the server one more send. (A spliced payload is the
+//! exception: the buffered bytes are flushed before the pages are spliced
+//! behind them.)
 
 use std::io::{self, IoSlice};
 use tokio::io::AsyncWriteExt;

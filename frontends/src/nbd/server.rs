@@ -90,8 +90,9 @@ pub struct NbdOptions {
     pub reply_timeout: Duration,
     /// Splice large `READ` payloads that are views of file pages into the
     /// socket by reference instead of copying them (see [`Splicer`]); the
-    /// stores then make such views of large reads (while this frontend
-    /// lives) instead of copying them into a buffer. Off
+    /// stores then make such views of large reads instead of copying them
+    /// into a buffer, for every reader in the process (peer connections
+    /// too), while this frontend lives. Off
     /// by default: it saves the server a copy, but the client then copies
     /// out of page-cache pages instead of fresh socket buffers, and whether
     /// that is a gain depends on the machine (1 MiB reads: +35 % on one
