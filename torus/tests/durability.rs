@@ -34,6 +34,13 @@ use common::pid;
 
 const CHUNK: u64 = 1 << 20;
 
+/// What the test transports answer to `listen`: they only route calls.
+fn not_listening() -> Result<Box<dyn PeerListener>> {
+    Err(Error::Unsupported(
+        "this test transport does not listen".into(),
+    ))
+}
+
 /// Routes every call to one remote replica; flushes are slow or fail.
 struct Remote {
     replica: Arc<Replica>,
@@ -45,9 +52,7 @@ struct Remote {
 #[async_trait]
 impl PeerTransport for Remote {
     async fn listen(&self, _: &str, _: Arc<dyn PeerHandler>) -> Result<Box<dyn PeerListener>> {
-        Err(Error::Unsupported(
-            "this test transport does not listen".into(),
-        ))
+        not_listening()
     }
     async fn call(&self, _addr: &str, request: PeerRequest) -> Result<PeerResponse> {
         if let PeerRequest::Flush { .. } = request {
@@ -394,9 +399,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[async_trait]
 impl PeerTransport for Peers {
     async fn listen(&self, _: &str, _: Arc<dyn PeerHandler>) -> Result<Box<dyn PeerListener>> {
-        Err(Error::Unsupported(
-            "this test transport does not listen".into(),
-        ))
+        not_listening()
     }
     async fn call(&self, addr: &str, request: PeerRequest) -> Result<PeerResponse> {
         let kind = match request {

@@ -569,7 +569,7 @@ impl<H: ChunkIo> ChunkDir<H> {
         // Whole blocks, to check their checksums.
         let (start, end) = aligned(offset, len);
         let at = (offset - start) as usize;
-        if end - start >= PINNED_READ_MIN as u64 && pagecache::views_wanted() {
+        if pinned_read(end - start) {
             if let Some(data) = h.io.read_pinned(start, (end - start) as usize) {
                 if mismatches(&chunk, &h.sums, start, &data).is_empty() {
                     return Ok(data.slice(at..at + len as usize));
@@ -1538,6 +1538,12 @@ pub(crate) const INLINE_READ_MAX: usize = 1024 * 1024;
 /// what the copy does, and they need the blocking pool.
 pub(crate) const PINNED_READ_MIN: usize = 512 * 1024;
 
+/// Whether a read of `len` bytes is made as a file view
+/// ([`PINNED_READ_MIN`]) where the store can, instead of being copied.
+pub(crate) fn pinned_read(len: u64) -> bool {
+    len >= PINNED_READ_MIN as u64 && pagecache::views_wanted()
+}
+
 /// Runs one of the engine's blocking operations on tokio's blocking pool.
 pub(crate) async fn blocking<H: ChunkIo, T: Send + 'static>(
     dir: &Arc<ChunkDir<H>>,
@@ -1575,12 +1581,9 @@ macro_rules! chunk_dir_block_store {
                 offset: u64,
                 len: u64,
             ) -> torus_traits::Result<bytes::Bytes> {
-                use $crate::storage::chunk_dir::{INLINE_IO_MAX, INLINE_READ_MAX, PINNED_READ_MIN};
-                let inline = len <= INLINE_IO_MAX as u64
-                    || (len <= INLINE_READ_MAX as u64
-                        && (len < PINNED_READ_MIN as u64
-                            || !torus_traits::pagecache::views_wanted()));
-                if inline {
+                use $crate::storage::chunk_dir::{pinned_read, INLINE_READ_MAX};
+                // A read to be made a file view needs the blocking pool.
+                if len <= INLINE_READ_MAX as u64 && !pinned_read(len) {
                     if let Some(data) = self.dir.read_cached(chunk, offset, len)? {
                         return Ok(data);
                     }

@@ -37,6 +37,7 @@ use super::sys;
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -53,6 +54,37 @@ use torus_traits::Result;
 /// sequential throughput (16 KiB: 2.4 GB/s), larger ones the random writes
 /// (256 KiB: 136 k/s).
 const WRITE_PIECE: usize = 64 << 10;
+
+/// Reads `len` bytes at `offset` into new memory that is not zeroed first,
+/// calling `read` for what is still missing: it returns how many bytes it
+/// read (0 at the end of the file, after which the rest reads as zeros,
+/// as past the end of a chunk written only near its start) or `None` to
+/// give up, which this returns.
+///
+/// # Safety
+/// `read` must have written the first `n` bytes of the slice it was given
+/// when it returns `Some(n)`, and `n` must not exceed the slice's length.
+unsafe fn read_new(
+    len: usize,
+    offset: u64,
+    mut read: impl FnMut(&mut [MaybeUninit<u8>], u64) -> io::Result<Option<usize>>,
+) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let done = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        let n = match read(spare, offset + done as u64)? {
+            Some(0) => break,
+            Some(n) => n,
+            None => return Ok(None),
+        };
+        // SAFETY: `read` initialised the next `n` bytes, within the spare
+        // capacity it was given (the caller's promise).
+        unsafe { buf.set_len(done + n) };
+    }
+    buf.resize(len, 0);
+    Ok(Some(buf))
+}
 
 /// A `BlockStore` keeping each chunk in its own sparse file under one
 /// directory.
@@ -123,25 +155,16 @@ impl ChunkIo for FileChunk {
     }
 
     fn read_vec(&self, offset: u64, len: usize, _alloc: &Bitmap) -> io::Result<Vec<u8>> {
-        // Read into uninitialised memory; only what lies past the end of the
-        // file (a chunk written only near its start) is zero-filled.
-        let mut buf = Vec::with_capacity(len);
-        while buf.len() < len {
-            let done = buf.len();
-            let at = offset + done as u64;
-            let spare = &mut buf.spare_capacity_mut()[..len - done];
-            let n = match sys::pread_uninit(&self.file, spare, at) {
-                Ok(0) => break,
-                Ok(n) => n,
+        let pread = |spare: &mut [MaybeUninit<u8>], at| loop {
+            match sys::pread_uninit(&self.file, spare, at) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            // SAFETY: pread initialised the next `n` bytes (n <= the spare
-            // capacity passed in).
-            unsafe { buf.set_len(done + n) };
-        }
-        buf.resize(len, 0);
-        Ok(buf)
+                read => return read.map(Some),
+            }
+        };
+        // SAFETY: `pread_uninit` returns how many bytes it wrote.
+        let buf = unsafe { read_new(len, offset, pread) }?;
+        // Never `None`: this `pread` never gives up.
+        Ok(buf.unwrap_or_default())
     }
 
     fn read_pinned(&self, offset: u64, len: usize) -> Option<Bytes> {
@@ -154,22 +177,10 @@ impl ChunkIo for FileChunk {
         len: usize,
         _alloc: &Bitmap,
     ) -> io::Result<Option<Vec<u8>>> {
-        // As `read_vec`, but without waiting for the disk.
-        let mut buf = Vec::with_capacity(len);
-        while buf.len() < len {
-            let done = buf.len();
-            let spare = &mut buf.spare_capacity_mut()[..len - done];
-            let n = match sys::pread_cached_uninit(&self.file, spare, offset + done as u64)? {
-                Some(0) => break, // end of file: the rest reads as zeros
-                Some(n) => n,
-                None => return Ok(None),
-            };
-            // SAFETY: preadv2 initialised the next `n` bytes (n <= the
-            // spare capacity passed in).
-            unsafe { buf.set_len(done + n) };
-        }
-        buf.resize(len, 0);
-        Ok(Some(buf))
+        let pread =
+            |spare: &mut [MaybeUninit<u8>], at| sys::pread_cached_uninit(&self.file, spare, at);
+        // SAFETY: `pread_cached_uninit` returns how many bytes it wrote.
+        unsafe { read_new(len, offset, pread) }
     }
 
     fn read_cached(&self, offset: u64, buf: &mut [u8], _alloc: &Bitmap) -> io::Result<bool> {
@@ -302,14 +313,30 @@ mod tests {
         assert_eq!(atime, old, "reads updated the chunk file's access time");
     }
 
-    #[test]
-    fn large_reads_from_a_mapping_are_checked_and_fall_back_to_pread() {
-        const MIB: usize = 1 << 20;
+    const MIB: usize = 1 << 20;
+
+    /// A store of 4 MiB chunks whose first chunk holds `len` bytes of a
+    /// pattern, returned with them.
+    fn written(len: usize) -> (tempfile::TempDir, FileBlockStore, ChunkRef, Vec<u8>) {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = FileBlockStore::open(tmp.path(), 4 << 20, 16 << 20).expect("open");
         let chunk = ChunkRef::new(VolumeId(1), 0);
-        let data: Vec<u8> = (0..2 * MIB).map(|i| (i % 253) as u8).collect();
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         store.dir.write(chunk, 0, &data).expect("write");
+        (tmp, store, chunk, data)
+    }
+
+    /// `read` failed its checksum in block 256.
+    fn assert_corrupt_block_256(read: Result<Bytes>) {
+        match read {
+            Err(torus_traits::Error::Corrupt(msg)) => assert!(msg.contains("block 256"), "{msg}"),
+            other => panic!("expected a checksum error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn large_reads_from_a_mapping_are_checked_and_fall_back_to_pread() {
+        let (tmp, store, chunk, data) = written(2 * MIB);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -342,21 +369,13 @@ mod tests {
         // A flipped byte under a mapped read is caught, not served.
         file.write_all_at(&[data[MIB + 5] ^ 0xff], MIB as u64 + 5)
             .expect("flip");
-        match store.dir.read(chunk, 0, 2 * MIB as u64) {
-            Err(torus_traits::Error::Corrupt(msg)) => assert!(msg.contains("block 256"), "{msg}"),
-            other => panic!("expected a checksum error, got {other:?}"),
-        }
+        assert_corrupt_block_256(store.dir.read(chunk, 0, 2 * MIB as u64));
         drop(views);
     }
 
     #[test]
     fn large_cached_reads_are_checked_and_zero_past_the_end() {
-        const MIB: usize = 1 << 20;
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = FileBlockStore::open(tmp.path(), 4 << 20, 16 << 20).expect("open");
-        let chunk = ChunkRef::new(VolumeId(1), 0);
-        let data: Vec<u8> = (0..MIB + 8192).map(|i| (i % 251) as u8).collect();
-        store.dir.write(chunk, 0, &data).expect("write");
+        let (tmp, store, chunk, data) = written(MIB + 8192);
         // Just written, so cached: served without the pool, unaligned, and
         // past the end of the file as zeros.
         let got = store
@@ -383,9 +402,6 @@ mod tests {
             .expect("flip");
         let cached = store.dir.read_cached(chunk, 0, MIB as u64 + 4096);
         assert!(matches!(cached, Ok(None)), "{cached:?}");
-        match store.dir.read(chunk, 0, MIB as u64 + 4096) {
-            Err(torus_traits::Error::Corrupt(msg)) => assert!(msg.contains("block 256"), "{msg}"),
-            other => panic!("expected a checksum error, got {other:?}"),
-        }
+        assert_corrupt_block_256(store.dir.read(chunk, 0, MIB as u64 + 4096));
     }
 }

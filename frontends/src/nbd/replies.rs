@@ -72,11 +72,8 @@ impl ReplyWriter {
     /// Sends the buffered bytes and then `data`, in as few `writev` calls
     /// as the socket takes them in.
     async fn send_with(&mut self, data: &[u8]) -> io::Result<()> {
-        let head = std::mem::take(&mut self.buf);
-        let result = write_both(&mut self.sock, &head, data).await;
-        // The buffer's memory is kept, even when the write failed (the
-        // connection is then over anyway).
-        self.buf = head;
+        let result = write_both(&mut self.sock, &self.buf, data).await;
+        // Cleared even when the write failed: the connection is over then.
         self.buf.clear();
         result
     }
