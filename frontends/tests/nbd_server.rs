@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -751,4 +752,74 @@ async fn a_client_that_stops_reading_replies_is_disconnected() {
         srv.shutdown().await;
     })
     .await
+}
+
+/// The congestion control of this process's own socket connected from
+/// `peer` to `local` (the server's end of a test connection).
+fn congestion_of(local: SocketAddr, peer: SocketAddr) -> String {
+    use std::os::fd::BorrowedFd;
+    let dir = std::fs::read_dir("/proc/self/fd").expect("list /proc/self/fd");
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+        {
+            continue;
+        }
+        // SAFETY: only borrowed for the calls below, while the test's
+        // connection (and so this descriptor) stays open.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let ends = (sock.local_addr(), sock.peer_addr());
+        let (Ok(l), Ok(p)) = ends else { continue };
+        if l.as_socket() == Some(local) && p.as_socket() == Some(peer) {
+            let name = sock.tcp_congestion().expect("getsockopt TCP_CONGESTION");
+            return String::from_utf8_lossy(&name)
+                .trim_end_matches('\0')
+                .to_string();
+        }
+    }
+    panic!("no socket from {peer} to {local} in this process");
+}
+
+#[tokio::test]
+async fn loopback_clients_get_the_configured_congestion_control() {
+    within(30, async {
+        let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .expect("read the system's congestion control");
+        let system = system.trim();
+        // Ask for one the system does not default to, to see it applied.
+        let want = if system == "reno" { "cubic" } else { "reno" };
+        for (option, expect) in [(Some(want), want), (None, system)] {
+            let srv = TestServer::start(NbdOptions {
+                loopback_congestion: option.map(String::from),
+                ..NbdOptions::default()
+            })
+            .await;
+            let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+            let client = c.s.local_addr().expect("client address");
+            assert_eq!(congestion_of(srv.addr, client), expect, "option {option:?}");
+            c.write(0, b"still speaks NBD", 0).await.unwrap();
+            assert_eq!(c.read(0, 16).await.unwrap(), b"still speaks NBD");
+            c.disconnect().await;
+            srv.shutdown().await;
+        }
+        // A name this host does not have is reported and then ignored.
+        let srv = TestServer::start(NbdOptions {
+            loopback_congestion: Some("nosuchcc".into()),
+            ..NbdOptions::default()
+        })
+        .await;
+        let (c, _) = Client::attach(srv.addr, "alpha").await;
+        let client = c.s.local_addr().expect("client address");
+        assert_eq!(congestion_of(srv.addr, client), system);
+        srv.shutdown().await;
+    })
+    .await;
 }

@@ -247,6 +247,8 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
             max_in_flight: cfg.nbd.max_in_flight,
             read_only: cfg.nbd.read_only,
             splice_reads: cfg.nbd.splice_reads,
+            loopback_congestion: Some(cfg.nbd.loopback_congestion.clone())
+                .filter(|name| !name.is_empty()),
             ..NbdOptions::default()
         };
         let provider: Arc<dyn VolumeProvider> = Arc::new(node.clone());

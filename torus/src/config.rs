@@ -153,6 +153,11 @@ pub struct NbdConfig {
     /// copying them (see the README's Performance section: a gain on some
     /// machines, a loss on others).
     pub splice_reads: bool,
+    /// TCP congestion control for NBD clients on this host (the kernel
+    /// client `torusblk` attaches, local tools); "" keeps the system's.
+    /// Cubic by default: BBR's pacing costs a timer interrupt per burst on
+    /// a link that needs none (README, Performance).
+    pub loopback_congestion: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +269,7 @@ impl Default for NbdConfig {
             max_in_flight: 128,
             read_only: false,
             splice_reads: false,
+            loopback_congestion: "cubic".into(),
         }
     }
 }
@@ -506,6 +512,13 @@ impl Config {
                 format!("{} must be between 4 KiB and 256 MiB", self.nbd.max_request),
             );
         }
+        if !self.nbd.loopback_congestion.is_empty() {
+            if let Err(e) =
+                torus_frontends::nbd::check_congestion_name(&self.nbd.loopback_congestion)
+            {
+                return bad("nbd.loopback_congestion", e.to_string());
+            }
+        }
         if self.nbd.max_in_flight == 0 || self.nbd.max_in_flight > 4096 {
             return bad(
                 "nbd.max_in_flight",
@@ -669,6 +682,13 @@ mod tests {
                 .splice_reads
         );
         assert!(load_text("[nbd]\nsplice_reads = 3\n").is_err());
+        // Loopback clients get cubic unless told otherwise ("" = the
+        // system's algorithm); a name that cannot be one is refused.
+        assert_eq!(c.nbd.loopback_congestion, "cubic");
+        let keep = load_text("[nbd]\nloopback_congestion = \"\"\n").unwrap();
+        assert_eq!(keep.nbd.loopback_congestion, "");
+        let e = load_text("[nbd]\nloopback_congestion = \"no such\"\n").unwrap_err();
+        assert!(e.to_string().contains("nbd.loopback_congestion"), "{e}");
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //! canonical NetworkBlockDevice `doc/proto.md` (fixed newstyle handshake,
 //! simple replies only).
 
+mod congestion;
 pub mod proto;
 mod replies;
 mod server;
 mod splice;
 
+pub use congestion::check_name as check_congestion_name;
 pub use server::{NbdFrontend, NbdOptions};

@@ -32,6 +32,7 @@
 //! the device handle is dropped (the provider releases the volume's lock on
 //! the last drop).
 
+use super::congestion;
 use super::proto::{
     self, client, cmd_flag, errno, handshake, opt, rep, transmission, ClientOption, Command, Info,
     InfoRequest, OptionHeader, OptionReply, ProtoError, Request, SimpleReply, CLIENT_FLAGS_LEN,
@@ -98,6 +99,12 @@ pub struct NbdOptions {
     /// that is a gain depends on the machine (1 MiB reads: +35 % on one
     /// machine, about half the throughput on another).
     pub splice_reads: bool,
+    /// TCP congestion control for connections from this host (see
+    /// [`congestion`]): "cubic" by default, because BBR's pacing costs a
+    /// timer interrupt per burst on a link that needs none. `None` leaves
+    /// every socket with the system's algorithm; connections from other
+    /// hosts always keep it.
+    pub loopback_congestion: Option<String>,
 }
 
 impl Default for NbdOptions {
@@ -111,6 +118,7 @@ impl Default for NbdOptions {
             read_only: false,
             reply_timeout: Duration::from_secs(60),
             splice_reads: false,
+            loopback_congestion: Some("cubic".into()),
         }
     }
 }
@@ -128,6 +136,9 @@ impl NbdOptions {
         // takes the whole budget and runs alone.
         if self.max_in_flight_bytes == 0 || self.max_in_flight_bytes > Semaphore::MAX_PERMITS {
             return bad("max_in_flight_bytes must be between 1 and 2^61");
+        }
+        if let Some(name) = &self.loopback_congestion {
+            congestion::check_name(name)?;
         }
         Ok(())
     }
@@ -154,7 +165,18 @@ impl NbdFrontend {
         provider: Arc<dyn VolumeProvider>,
         options: NbdOptions,
     ) -> Result<NbdFrontend> {
+        let mut options = options;
         options.validate()?;
+        if let Some(name) = &options.loopback_congestion {
+            if let Err(e) = congestion::usable(name) {
+                warn!(
+                    "NBD: TCP congestion control {name:?} is not usable on this host ({e}); \
+                     loopback connections keep the system's (see \
+                     net.ipv4.tcp_allowed_congestion_control)"
+                );
+                options.loopback_congestion = None;
+            }
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| Error::io(format!("bind NBD listener on {addr}"), e))?;
@@ -312,6 +334,9 @@ async fn run_connection(
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, "TCP_NODELAY: {e}");
+    }
+    if let Some(name) = &options.loopback_congestion {
+        congestion::apply(&stream, peer, name);
     }
     debug!(%peer, "NBD client connected");
     let (rd, wr) = stream.into_split();
