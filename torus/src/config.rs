@@ -269,7 +269,7 @@ impl Default for NbdConfig {
             max_in_flight: 128,
             read_only: false,
             splice_reads: false,
-            loopback_congestion: "cubic".into(),
+            loopback_congestion: torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION.into(),
         }
     }
 }

@@ -176,6 +176,22 @@ pub struct KernelAttachment {
     serving: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
 
+/// Connects to the NBD server that will serve the device. A server on
+/// this host gets the socket switched to the congestion control torusd
+/// uses for loopback clients: for writes the kernel is the sender, and
+/// BBR's pacing only costs timer interrupts on loopback
+/// (`torus_frontends::nbd` module `congestion`).
+fn connect(server: SocketAddr) -> Result<TcpStream, String> {
+    let sock = TcpStream::connect(server)
+        .map_err(|e| format!("cannot reach the local NBD server at {server}: {e}"))?;
+    torus_frontends::nbd::use_loopback_congestion(
+        &sock,
+        server,
+        torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION,
+    );
+    Ok(sock)
+}
+
 /// Attach `volume` served at `server` to `device` (from [`find_device`]).
 pub fn attach(
     roots: &Roots,
@@ -185,8 +201,7 @@ pub fn attach(
     read_only: bool,
     trim: bool,
 ) -> Result<KernelAttachment, String> {
-    let mut sock = TcpStream::connect(server)
-        .map_err(|e| format!("cannot reach the local NBD server at {server}: {e}"))?;
+    let mut sock = connect(server)?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let export = handshake(&mut sock, volume)?;
@@ -340,6 +355,41 @@ pub fn detach(device: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn congestion_of(sock: &TcpStream) -> String {
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `name`, which
+        // we own, on a descriptor `sock` keeps open.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        let name = &name[..(len as usize).min(name.len())];
+        String::from_utf8_lossy(name)
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    #[test]
+    fn the_socket_to_a_local_server_gets_the_loopback_congestion_control() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sock = connect(addr).unwrap();
+        assert_eq!(
+            congestion_of(&sock),
+            torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION
+        );
+        drop((sock, listener));
+        let e = connect(addr).unwrap_err();
+        assert!(e.contains("cannot reach the local NBD server"), "{e}");
+    }
 
     fn roots(devices: &[(&str, Option<&str>)]) -> (tempfile::TempDir, Roots) {
         let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,8 @@
 //! against 0.31 s of server CPU per GB.
 //!
 //! Loopback clients are the common case in production too: `torusblk`
-//! attaches the kernel's NBD client to the torusd on the same host.
+//! attaches the kernel's NBD client to the torusd on the same host (and
+//! switches that socket too, since for writes the kernel is the sender).
 //! Connections from other hosts keep the system's choice, which is the
 //! administrator's to make for the real network.
 //!
@@ -25,7 +26,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use tokio::net::TcpStream;
+use std::os::fd::AsFd;
 use torus_traits::{Error, Result};
 
 /// Longest algorithm name the kernel takes (`TCP_CA_NAME_MAX` less the NUL).
@@ -55,8 +56,13 @@ pub(crate) fn usable(name: &str) -> io::Result<()> {
     probe.set_tcp_congestion(name.as_bytes())
 }
 
-/// Switches `stream` to `name` when its peer is on this host.
-pub(crate) fn apply(stream: &TcpStream, peer: SocketAddr, name: &str) {
+/// The algorithm loopback connections get unless configured otherwise.
+pub const DEFAULT: &str = "cubic";
+
+/// Switches the TCP socket `stream` to `name` when its peer is on this
+/// host. Used on both ends that torus owns: the server's accepted sockets
+/// and the socket `torusblk` hands to the kernel's NBD client.
+pub fn apply(stream: &impl AsFd, peer: SocketAddr, name: &str) {
     if !peer.ip().to_canonical().is_loopback() {
         return;
     }
@@ -70,7 +76,7 @@ pub(crate) fn apply(stream: &TcpStream, peer: SocketAddr, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     fn algorithm(stream: &TcpStream) -> String {
         let name = socket2::SockRef::from(stream)

@@ -17,5 +17,8 @@ mod replies;
 mod server;
 mod splice;
 
-pub use congestion::check_name as check_congestion_name;
+pub use congestion::{
+    apply as use_loopback_congestion, check_name as check_congestion_name,
+    DEFAULT as DEFAULT_LOOPBACK_CONGESTION,
+};
 pub use server::{NbdFrontend, NbdOptions};

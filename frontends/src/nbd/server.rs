@@ -118,7 +118,7 @@ impl Default for NbdOptions {
             read_only: false,
             reply_timeout: Duration::from_secs(60),
             splice_reads: false,
-            loopback_congestion: Some("cubic".into()),
+            loopback_congestion: Some(congestion::DEFAULT.into()),
         }
     }
 }
