@@ -772,8 +772,9 @@ fn congestion_of(local: SocketAddr, peer: SocketAddr) -> String {
         {
             continue;
         }
-        // SAFETY: only borrowed for the calls below, while the test's
-        // connection (and so this descriptor) stays open.
+        // SAFETY: only borrowed for the two reads below. Nothing closes it
+        // meanwhile: nextest runs each test in a process of its own, and
+        // this test's descriptors stay open while it looks.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let sock = socket2::SockRef::from(&fd);
         let ends = (sock.local_addr(), sock.peer_addr());

@@ -513,10 +513,10 @@ impl Config {
             );
         }
         if !self.nbd.loopback_congestion.is_empty() {
-            if let Err(e) =
+            if let Err(why) =
                 torus_frontends::nbd::check_congestion_name(&self.nbd.loopback_congestion)
             {
-                return bad("nbd.loopback_congestion", e.to_string());
+                return bad("nbd.loopback_congestion", why);
             }
         }
         if self.nbd.max_in_flight == 0 || self.nbd.max_in_flight > 4096 {

@@ -177,18 +177,15 @@ pub struct KernelAttachment {
 }
 
 /// Connects to the NBD server that will serve the device. A server on
-/// this host gets the socket switched to the congestion control torusd
-/// uses for loopback clients: for writes the kernel is the sender, and
-/// BBR's pacing only costs timer interrupts on loopback
-/// (`torus_frontends::nbd` module `congestion`).
-fn connect(server: SocketAddr) -> Result<TcpStream, String> {
+/// this host gets the socket switched to `congestion`, the algorithm
+/// torusd gives loopback clients by default: for writes the kernel is the
+/// sender, and BBR's pacing only costs timer interrupts on loopback (see
+/// the `congestion` module of `torus_frontends::nbd`). A host that does
+/// not allow it keeps its own.
+fn connect(server: SocketAddr, congestion: &str) -> Result<TcpStream, String> {
     let sock = TcpStream::connect(server)
         .map_err(|e| format!("cannot reach the local NBD server at {server}: {e}"))?;
-    torus_frontends::nbd::use_loopback_congestion(
-        &sock,
-        server,
-        torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION,
-    );
+    torus_frontends::nbd::use_loopback_congestion(&sock, congestion);
     Ok(sock)
 }
 
@@ -201,7 +198,7 @@ pub fn attach(
     read_only: bool,
     trim: bool,
 ) -> Result<KernelAttachment, String> {
-    let mut sock = connect(server)?;
+    let mut sock = connect(server, torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION)?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let export = handshake(&mut sock, volume)?;
@@ -381,13 +378,21 @@ mod tests {
     fn the_socket_to_a_local_server_gets_the_loopback_congestion_control() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let sock = connect(addr).unwrap();
-        assert_eq!(
-            congestion_of(&sock),
-            torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION
-        );
+        let default = torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION;
+        let sock = connect(addr, default).unwrap();
+        assert_eq!(congestion_of(&sock), default);
+        // One the system does not default to, so the switch is seen
+        // whatever the default is.
+        let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .expect("read the system's congestion control");
+        let other = if system.trim() == "reno" {
+            "cubic"
+        } else {
+            "reno"
+        };
+        assert_eq!(congestion_of(&connect(addr, other).unwrap()), other);
         drop((sock, listener));
-        let e = connect(addr).unwrap_err();
+        let e = connect(addr, default).unwrap_err();
         assert!(e.contains("cannot reach the local NBD server"), "{e}");
     }
 

@@ -138,7 +138,8 @@ impl NbdOptions {
             return bad("max_in_flight_bytes must be between 1 and 2^61");
         }
         if let Some(name) = &self.loopback_congestion {
-            congestion::check_name(name)?;
+            congestion::check_name(name)
+                .or_else(|why| bad(&format!("loopback_congestion: {why}")))?;
         }
         Ok(())
     }
@@ -168,7 +169,7 @@ impl NbdFrontend {
         let mut options = options;
         options.validate()?;
         if let Some(name) = &options.loopback_congestion {
-            if let Err(e) = congestion::usable(name) {
+            if let Err(e) = congestion::usable(name, addr) {
                 warn!(
                     "NBD: TCP congestion control {name:?} is not usable on this host ({e}); \
                      loopback connections keep the system's (see \
@@ -336,7 +337,7 @@ async fn run_connection(
         debug!(%peer, "TCP_NODELAY: {e}");
     }
     if let Some(name) = &options.loopback_congestion {
-        congestion::apply(&stream, peer, name);
+        congestion::apply(&stream, name);
     }
     debug!(%peer, "NBD client connected");
     let (rd, wr) = stream.into_split();
