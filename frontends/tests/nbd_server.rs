@@ -772,7 +772,7 @@ fn congestion_of(local: SocketAddr, peer: SocketAddr) -> String {
         {
             continue;
         }
-        // SAFETY: only borrowed for the two reads below. Nothing closes it
+        // SAFETY: only borrowed for the reads below. Nothing closes it
         // meanwhile: nextest runs each test in a process of its own, and
         // this test's descriptors stay open while it looks.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -780,10 +780,7 @@ fn congestion_of(local: SocketAddr, peer: SocketAddr) -> String {
         let ends = (sock.local_addr(), sock.peer_addr());
         let (Ok(l), Ok(p)) = ends else { continue };
         if l.as_socket() == Some(local) && p.as_socket() == Some(peer) {
-            let name = sock.tcp_congestion().expect("getsockopt TCP_CONGESTION");
-            return String::from_utf8_lossy(&name)
-                .trim_end_matches('\0')
-                .to_string();
+            return torus_frontends::nbd::congestion_of(&fd).expect("getsockopt TCP_CONGESTION");
         }
     }
     panic!("no socket from {peer} to {local} in this process");

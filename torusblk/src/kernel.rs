@@ -354,24 +354,7 @@ mod tests {
     use super::*;
 
     fn congestion_of(sock: &TcpStream) -> String {
-        let mut name = [0u8; 16];
-        let mut len = name.len() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `name`, which
-        // we own, on a descriptor `sock` keeps open.
-        let r = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CONGESTION,
-                name.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
-        let name = &name[..(len as usize).min(name.len())];
-        String::from_utf8_lossy(name)
-            .trim_end_matches('\0')
-            .to_string()
+        torus_frontends::nbd::congestion_of(sock).expect("getsockopt TCP_CONGESTION")
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub(crate) fn usable(name: &str, listen: SocketAddr) -> io::Result<()> {
 /// The algorithm loopback connections get unless configured otherwise.
 pub const DEFAULT: &str = "cubic";
 
+/// The algorithm a TCP socket uses now.
+pub fn current(stream: &impl AsFd) -> io::Result<String> {
+    let name = socket2::SockRef::from(stream).tcp_congestion()?;
+    Ok(String::from_utf8_lossy(&name)
+        .trim_end_matches('\0')
+        .to_string())
+}
+
 /// Whether a connected socket's two ends are on this host: a loopback
 /// peer, or a peer with the socket's own address (a client that dialled
 /// one of the host's addresses, which the kernel routes over loopback).
@@ -99,12 +107,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     fn algorithm(stream: &TcpStream) -> String {
-        let name = socket2::SockRef::from(stream)
-            .tcp_congestion()
-            .expect("getsockopt TCP_CONGESTION");
-        String::from_utf8_lossy(&name)
-            .trim_end_matches('\0')
-            .to_string()
+        current(stream).expect("getsockopt TCP_CONGESTION")
     }
 
     #[tokio::test]

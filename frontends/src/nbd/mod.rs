@@ -19,6 +19,6 @@ mod splice;
 
 pub use congestion::{
     apply as use_loopback_congestion, check_name as check_congestion_name,
-    DEFAULT as DEFAULT_LOOPBACK_CONGESTION,
+    current as congestion_of, DEFAULT as DEFAULT_LOOPBACK_CONGESTION,
 };
 pub use server::{NbdFrontend, NbdOptions};

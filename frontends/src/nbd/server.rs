@@ -164,9 +164,8 @@ impl NbdFrontend {
     pub async fn bind(
         addr: SocketAddr,
         provider: Arc<dyn VolumeProvider>,
-        options: NbdOptions,
+        mut options: NbdOptions,
     ) -> Result<NbdFrontend> {
-        let mut options = options;
         options.validate()?;
         if let Some(name) = &options.loopback_congestion {
             if let Err(e) = congestion::usable(name, addr) {
