@@ -859,11 +859,15 @@ impl Conn<'_> {
                 .catch_unwind()
                 .await
             {
-                Ok((errno::EIO, payload)) => {
-                    warn!(%peer, ?req, "NBD request failed with EIO");
-                    (errno::EIO, payload)
+                Ok(Ok(payload)) => (0, payload),
+                Ok(Err(failed)) => {
+                    if failed.errno == errno::EIO {
+                        warn!(%peer, ?req, "NBD request failed with EIO: {}", failed.why);
+                    } else {
+                        debug!(%peer, ?req, errno = failed.errno, "NBD request refused: {}", failed.why);
+                    }
+                    (failed.errno, None)
                 }
-                Ok(done) => done,
                 Err(_) => {
                     error!(%peer, ?req, "NBD request panicked; replying EIO");
                     (errno::EIO, None)
@@ -922,47 +926,73 @@ fn check_request(req: &Request, export: &Export) -> std::result::Result<(), u32>
     Ok(())
 }
 
-/// Run one accepted request on the device: (NBD error, READ payload).
+/// Why a request failed: the NBD error to reply with and the cause, for
+/// the log (the client only ever sees the errno).
+struct Failed {
+    errno: u32,
+    why: String,
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed {
+            errno: proto::errno_for(&e),
+            why: e.to_string(),
+        }
+    }
+}
+
+/// Run one accepted request on the device: its READ payload, or why it
+/// failed.
 async fn execute(
     device: &dyn BlockDevice,
     req: &Request,
     payload: Option<Bytes>,
-) -> (u32, Option<Bytes>) {
+) -> std::result::Result<Option<Bytes>, Failed> {
     let offset = req.offset;
     let len = u64::from(req.len);
     let fua = req.fua();
-    let done = |r: Result<()>| match r {
-        Ok(()) => (0, None),
-        Err(e) => (proto::errno_for(&e), None),
-    };
     match req.command {
         Command::Read => {
             if len == 0 {
-                return (0, Some(Bytes::new()));
+                return Ok(Some(Bytes::new()));
             }
-            match device.read(offset, len).await {
-                Ok(data) if data.len() as u64 == len => (0, Some(data)),
+            let data = device.read(offset, len).await?;
+            if data.len() as u64 != len {
                 // A short read would desynchronise the client: report EIO.
-                Ok(_) => (errno::EIO, None),
-                Err(e) => (proto::errno_for(&e), None),
+                return Err(Failed {
+                    errno: errno::EIO,
+                    why: format!("the device returned {} of {len} bytes", data.len()),
+                });
             }
+            Ok(Some(data))
         }
         Command::Write => {
             let data = payload.unwrap_or_default();
-            if data.is_empty() {
-                return (0, None);
+            if !data.is_empty() {
+                device.write(offset, data, fua).await?;
             }
-            done(device.write(offset, data, fua).await)
+            Ok(None)
         }
-        Command::Trim if len == 0 => (0, None),
-        Command::Trim => done(device.trim(offset, len, fua).await),
-        Command::WriteZeroes if len == 0 => (0, None),
+        Command::Trim if len == 0 => Ok(None),
+        Command::Trim => {
+            device.trim(offset, len, fua).await?;
+            Ok(None)
+        }
+        Command::WriteZeroes if len == 0 => Ok(None),
         Command::WriteZeroes => {
             let may_trim = !req.no_hole();
-            done(device.write_zeroes(offset, len, may_trim, fua).await)
+            device.write_zeroes(offset, len, may_trim, fua).await?;
+            Ok(None)
         }
-        Command::Flush => done(device.flush().await),
-        _ => (errno::EINVAL, None),
+        Command::Flush => {
+            device.flush().await?;
+            Ok(None)
+        }
+        command => Err(Failed {
+            errno: errno::EINVAL,
+            why: format!("{command:?} is not supported"),
+        }),
     }
 }
 
