@@ -821,3 +821,73 @@ async fn loopback_clients_get_the_configured_congestion_control() {
     })
     .await;
 }
+
+/// A client that sends one request at a time, `rounds` write-then-read
+/// pairs with a pause every tenth round longer than any busy poll; every
+/// answer checked.
+async fn one_at_a_time(srv: &TestServer, rounds: u64) {
+    let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+    for i in 0..rounds {
+        let data = pattern(i as u8, 4096);
+        let off = (i % 64) * 8192;
+        c.write(off, &data, 0).await.unwrap();
+        assert_eq!(c.read(off, 4096).await.unwrap(), data, "round {i}");
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    }
+    c.disconnect().await;
+    c.expect_closed().await;
+}
+
+/// Busy polling for the next request yields to the runtime between polls:
+/// even on a single-threaded runtime, where the client, the request tasks
+/// and the polling reader share one thread, with the longest poll allowed
+/// (a poll that held the thread would cost up to 10 ms per request: about
+/// 4 s here, against well under one),
+/// and with a second connection served meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn busy_polling_for_the_next_request_starves_nothing() {
+    within(60, async {
+        let options = NbdOptions {
+            busy_poll: torus_frontends::nbd::MAX_BUSY_POLL,
+            ..NbdOptions::default()
+        };
+        let srv = TestServer::start(options).await;
+        let started = Instant::now();
+        let (a, b) = tokio::join!(one_at_a_time(&srv, 400), async {
+            // The other connection: served while the first one polls.
+            for _ in 0..20 {
+                still_serves(&srv).await;
+            }
+        });
+        let ((), ()) = (a, b);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "880 requests took {took:?}: the poll held the thread"
+        );
+        // Shutdown is not held up by a connection that is polling.
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        c.write(0, b"x", 0).await.unwrap();
+        srv.shutdown().await;
+        c.expect_closed().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_at_a_time_with_and_without_busy_polling() {
+    within(60, async {
+        for poll in [Duration::ZERO, Duration::from_micros(200)] {
+            let options = NbdOptions {
+                busy_poll: poll,
+                ..NbdOptions::default()
+            };
+            let srv = TestServer::start(options).await;
+            one_at_a_time(&srv, 300).await;
+            srv.shutdown().await;
+        }
+    })
+    .await
+}

@@ -249,6 +249,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
             splice_reads: cfg.nbd.splice_reads,
             loopback_congestion: Some(cfg.nbd.loopback_congestion.clone())
                 .filter(|name| !name.is_empty()),
+            busy_poll: cfg.nbd.busy_poll,
             ..NbdOptions::default()
         };
         let provider: Arc<dyn VolumeProvider> = Arc::new(node.clone());

@@ -7,6 +7,8 @@
 //! - the **reader** (the connection task itself) reads request headers in
 //!   order, and for a `WRITE` reads the whole payload before the next header
 //!   (or drains it when the request is refused) so the stream stays in step;
+//!   for a client that sends one request at a time it busy-polls briefly for
+//!   the next header instead of sleeping ([`NbdOptions::busy_poll`]);
 //! - one **request task** per accepted request calls the device, so the
 //!   requests of one connection run concurrently (and on both cores: run
 //!   on the reader instead, as the peer server does, random reads fell
@@ -105,7 +107,20 @@ pub struct NbdOptions {
     /// every socket with the system's algorithm; connections from other
     /// hosts always keep it.
     pub loopback_congestion: Option<String>,
+    /// How long a connection whose client sends one request at a time
+    /// busy-polls for the next one before its thread sleeps (see
+    /// `Conn::poll_for_header`); zero never polls. It trades CPU for
+    /// latency: while such a client keeps up, one core spins between its
+    /// requests. At most [`MAX_BUSY_POLL`].
+    pub busy_poll: Duration,
 }
+
+/// The longest `NbdOptions::busy_poll` accepted.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+/// `NbdOptions::busy_poll` by default: above the gap between one reply and
+/// the next request of a client in a loop on this kind of machine (about
+/// 80 µs), so that gap is polled, not slept through.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 
 impl Default for NbdOptions {
     fn default() -> Self {
@@ -119,6 +134,7 @@ impl Default for NbdOptions {
             reply_timeout: Duration::from_secs(60),
             splice_reads: false,
             loopback_congestion: Some(congestion::DEFAULT.into()),
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -136,6 +152,9 @@ impl NbdOptions {
         // takes the whole budget and runs alone.
         if self.max_in_flight_bytes == 0 || self.max_in_flight_bytes > Semaphore::MAX_PERMITS {
             return bad("max_in_flight_bytes must be between 1 and 2^61");
+        }
+        if self.busy_poll > MAX_BUSY_POLL {
+            return bad(&format!("busy_poll must be at most {MAX_BUSY_POLL:?}"));
         }
         if let Some(name) = &self.loopback_congestion {
             congestion::check_name(name)
@@ -640,6 +659,9 @@ struct Conn<'a> {
     bytes: Arc<Semaphore>,
     /// Requests handed to a request task and not yet replied to.
     running: Arc<AtomicUsize>,
+    /// How long the last wait for a request header took (see
+    /// [`poll_for_header`](Self::poll_for_header)).
+    last_gap: Duration,
 }
 
 async fn transmission(
@@ -677,6 +699,7 @@ async fn transmission(
         slots: slots.clone(),
         bytes: Arc::new(Semaphore::new(options.max_in_flight_bytes)),
         running,
+        last_gap: Duration::MAX,
     };
     let end = conn.read_requests(&mut stop).await;
     match &end {
@@ -722,6 +745,40 @@ impl Conn<'_> {
         }
     }
 
+    /// Busy-poll for the next request header, for up to
+    /// `NbdOptions::busy_poll` since `waited`, when the client looks like it
+    /// waits for each reply before sending its next request: at most one
+    /// request of this connection in flight, nothing buffered, and the last
+    /// header came within the budget. Otherwise (an idle or a pipelining
+    /// client) it returns at once.
+    ///
+    /// Why: a worker thread that parks in `epoll_wait` is woken by the
+    /// client's next request through an interrupt and a context switch, and
+    /// on a virtual machine the halted CPU's wake-up costs more again; for a
+    /// client that sends one request at a time that wake-up is on the
+    /// critical path of every request. Each round here yields to the
+    /// runtime, which (with a yielded task pending) polls the sockets
+    /// without sleeping and runs this connection's other tasks (the request
+    /// itself, the reply writer) in between, so nothing waits behind the
+    /// poll. Measured on a 2-core VM, QD1 4 KiB random reads: 55 µs per
+    /// request instead of 89–97; writes 81–89 µs instead of 106–112 (150 µs poll).
+    async fn poll_for_header(&mut self, waited: std::time::Instant) {
+        let budget = self.options.busy_poll;
+        if budget.is_zero()
+            || self.last_gap >= budget
+            || !self.rd.buffer().is_empty()
+            || self.running.load(Ordering::Acquire) > 1
+        {
+            return;
+        }
+        while waited.elapsed() < budget {
+            if self.rd.get_ref().readable().now_or_never().is_some() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     async fn read_requests(&mut self, stop: &mut watch::Receiver<bool>) -> ReadEnd {
         loop {
             // Back-pressure: do not read another header while every slot is taken.
@@ -734,6 +791,8 @@ impl Conn<'_> {
                 },
             };
             let mut header = [0u8; REQUEST_HEADER_LEN];
+            let waited = std::time::Instant::now();
+            self.poll_for_header(waited).await;
             tokio::select! {
                 biased;
                 end = Self::interrupted(stop, &self.tx) => return end,
@@ -743,6 +802,7 @@ impl Conn<'_> {
                     }
                 }
             }
+            self.last_gap = waited.elapsed();
             let req = match Request::decode(&header) {
                 Ok(req) => req,
                 Err(ProtoError::UnknownCommand { command, handle }) => {
@@ -1167,5 +1227,16 @@ mod tests {
             ..NbdOptions::default()
         };
         assert!(o.validate().is_err());
+        for (poll, ok) in [
+            (Duration::ZERO, true),
+            (MAX_BUSY_POLL, true),
+            (MAX_BUSY_POLL + Duration::from_micros(1), false),
+        ] {
+            let o = NbdOptions {
+                busy_poll: poll,
+                ..NbdOptions::default()
+            };
+            assert_eq!(o.validate().is_ok(), ok, "busy_poll {poll:?}");
+        }
     }
 }
