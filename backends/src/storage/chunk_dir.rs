@@ -177,6 +177,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use torus_traits::storage::{crcs_per_sector, sector_crcs, Sector};
 use torus_traits::{pagecache, ChunkRef, ChunkScan, Error, Result, VolumeId, SECTOR};
 
 /// How bytes move between memory and one open chunk file.
@@ -360,14 +361,38 @@ fn checksum(block: &[u8], b: u64, alloc: &Bitmap, stored: u32) -> Option<u32> {
 /// that fail their checksums.
 fn mismatches<H>(chunk: &Chunk<H>, sums: &Sums, start: u64, buf: &[u8]) -> Vec<u64> {
     let first = start / SECTOR;
-    buf.chunks(SECTOR as usize)
-        .zip(first..)
-        .filter(|&(block, b)| {
-            let stored = sums.get(b);
-            checksum(block, b, &chunk.alloc, stored).is_some_and(|found| found != stored)
-        })
-        .map(|(_, b)| b)
-        .collect()
+    // Whole blocks that hold data are checksummed together (see
+    // `sector_crcs`); holes need none, and a short tail goes alone.
+    let mut checked: Vec<(u64, u32)> = Vec::new();
+    let mut blocks: Vec<&Sector> = Vec::new();
+    let mut bad = Vec::new();
+    for (block, b) in buf.chunks(SECTOR as usize).zip(first..) {
+        let stored = sums.get(b);
+        if stored == ZERO_CRC && !chunk.alloc.get(b) {
+            continue;
+        }
+        match <&Sector>::try_from(block) {
+            Ok(whole) => {
+                checked.push((b, stored));
+                blocks.push(whole);
+            }
+            Err(_) => {
+                if block_crc(block) != stored {
+                    bad.push(b);
+                }
+            }
+        }
+    }
+    let crcs = sector_crcs(&blocks);
+    bad.extend(
+        checked
+            .iter()
+            .zip(crcs)
+            .filter(|&(&(_, stored), crc)| crc != stored)
+            .map(|(&(b, _), _)| b),
+    );
+    bad.sort_unstable();
+    bad
 }
 
 /// The block-aligned range holding `[offset, offset+len)`.
@@ -758,13 +783,13 @@ impl<H: ChunkIo> ChunkDir<H> {
         let blocks = blocks_touched(offset, len);
         // Checksums of the whole blocks, before taking any lock.
         let inside = blocks_inside(offset, len);
-        let whole: Vec<u32> = inside
-            .clone()
-            .map(|b| {
-                let at = (b * SECTOR - offset) as usize;
-                block_crc(&data[at..at + SECTOR as usize])
-            })
-            .collect();
+        let whole: Vec<u32> = if inside.is_empty() {
+            Vec::new()
+        } else {
+            let from = (inside.start * SECTOR - offset) as usize;
+            let to = (inside.end * SECTOR - offset) as usize;
+            crcs_per_sector(&data[from..to])
+        };
         let entered = self.log.enter();
         let (chunk, opened, reserved) = loop {
             let chunk = self.lookup_or_insert(id);
