@@ -53,8 +53,8 @@ pub type Sector = [u8; SECTOR as usize];
 /// Why not one block at a time: the instruction has a latency of three
 /// cycles and a throughput of one, so a single stream waits on itself.
 /// `crc32c` interleaves three streams inside one block and then combines
-/// them (12.9 GB/s on 4 KiB blocks here); four independent blocks
-/// interleave with nothing to combine (20.9 GB/s), and checksums are a
+/// them (18.2 GB/s on 4 KiB blocks here); four independent blocks
+/// interleave with nothing to combine (23.7 GB/s), and checksums are a
 /// large part of the store's CPU per byte (a crc for every 4 KiB written
 /// and every 4 KiB read).
 pub fn sector_crcs(blocks: &[&Sector]) -> Vec<u32> {
