@@ -3,14 +3,21 @@
 //!
 //! Small replies (headers, small `READ` payloads) are copied into one
 //! buffer and sent together when the writer runs out of ready replies. A
-//! large payload is not copied: it goes out in one `writev` together with
-//! whatever is buffered before it, its own header included. Sent with a
-//! separate `write`, that header would leave as a 16-byte segment of its
-//! own (the socket has `TCP_NODELAY`) and wake the client for nothing: on
-//! 1 MiB reads the client made a third more syscalls and context switches
-//! per reply, and the server one more send. (A spliced payload is the
-//! exception: the buffered bytes are flushed before the pages are spliced
-//! behind them.)
+//! large payload is not copied: it is sent from where it lies, right
+//! behind whatever is buffered before it, its own header included. The
+//! buffered bytes go first with `MSG_MORE`, which holds them in the socket
+//! until the payload follows, so they do not leave as a segment of their
+//! own (the socket has `TCP_NODELAY`) to wake the client for nothing: sent
+//! plainly, on 1 MiB reads the client made a third more syscalls and
+//! context switches per reply. Sending both in one `writev` avoids that
+//! too, but costs the client more to copy out of the socket: with the
+//! header sent ahead with `MSG_MORE`, fio's copy of 1 MiB reads took 0.113
+//! instead of 0.132 s per GB and reads ran 1–12 % faster in five
+//! interleaved pairs of runs (why the layout of the socket's buffers
+//! differs was not established). When the socket cannot take the buffered
+//! bytes at once, both go out with `writev` as before. (A spliced payload
+//! is the exception: the buffered bytes are flushed before the pages are
+//! spliced behind them.)
 
 use std::io::{self, IoSlice};
 use tokio::io::AsyncWriteExt;
@@ -69,9 +76,23 @@ impl ReplyWriter {
         self.sock.shutdown().await
     }
 
-    /// Sends the buffered bytes and then `data`, in as few `writev` calls
-    /// as the socket takes them in.
+    /// Sends the buffered bytes (with `MSG_MORE` when the socket takes them
+    /// whole at once) and then `data`.
     async fn send_with(&mut self, data: &[u8]) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let sock = socket2::SockRef::from(self.sock.as_ref());
+            match sock.send_with_flags(&self.buf, libc::MSG_MORE) {
+                Ok(n) if n == self.buf.len() => {
+                    self.buf.clear();
+                    return self.sock.write_all(data).await;
+                }
+                Ok(n) => {
+                    self.buf.drain(..n);
+                }
+                // Would block, or failed: the `writev` below finds out.
+                Err(_) => {}
+            }
+        }
         let result = write_both(&mut self.sock, &self.buf, data).await;
         // Cleared even when the write failed: the connection is over then.
         self.buf.clear();
@@ -142,6 +163,58 @@ mod tests {
         w.shutdown().await.expect("shutdown");
         drop(w);
         reader.await.expect("reader");
+    }
+
+    /// A socket that cannot take the buffered replies at once (a small send
+    /// buffer, a reader slower than the writer): what goes ahead with
+    /// `MSG_MORE` is partial or nothing, and the rest goes with `writev`.
+    /// Every byte still arrives, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_socket_still_gets_every_byte_in_order() {
+        let (mut w, mut peer) = pair().await;
+        socket2::SockRef::from(w.socket())
+            .set_send_buffer_size(4096)
+            .expect("small send buffer");
+        let mut expected = Vec::new();
+        let mut pieces = Vec::new();
+        for i in 0..12u32 {
+            // Small replies filling most of the buffer, then a payload.
+            for k in 0..25u32 {
+                let small: Vec<u8> = (0..2000 + k).map(|j| (j + i * 31 + k) as u8).collect();
+                pieces.push(small);
+            }
+            let payload: Vec<u8> = (0..256 * 1024 + i)
+                .map(|j| (j % 253) as u8 ^ i as u8)
+                .collect();
+            pieces.push(payload);
+        }
+        for p in &pieces {
+            expected.extend_from_slice(p);
+        }
+        let total = expected.len();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::with_capacity(total);
+            let mut chunk = vec![0u8; 7 * 1024];
+            let mut reads = 0u32;
+            while got.len() < total {
+                let n = peer.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed after {} of {total} bytes", got.len());
+                got.extend_from_slice(&chunk[..n]);
+                reads += 1;
+                if reads % 32 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            assert!(got == expected, "bytes differ from what was put");
+        });
+        for p in &pieces {
+            w.put(p).await.expect("put");
+        }
+        w.flush().await.expect("flush");
+        tokio::time::timeout(std::time::Duration::from_secs(60), reader)
+            .await
+            .expect("the reader finishes")
+            .expect("reader");
     }
 
     #[tokio::test]
