@@ -313,6 +313,103 @@ fn a_second_writer_is_refused_until_the_holder_dies() {
     b.flush().expect("flush on B");
 }
 
+/// A node started on a copy of a live node's data directory (a cloned VM)
+/// carries that node's peer id: it must refuse to start, naming the live
+/// node, and leave it serving. The live node itself, killed, starts again
+/// under its id on a new peer port while its dead run's record still
+/// stands (that record is not mistaken for a live one).
+#[test]
+fn a_copied_data_directory_does_not_start_beside_its_original() {
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(&dir, &e);
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(nodes[0].data_dir.join("peer-id"), copy.join("peer-id")).unwrap();
+    let out = run_with_timeout(
+        Command::new(torus_integration::bin("torusd"))
+            .arg("--data-dir")
+            .arg(&copy)
+            .args([
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ])
+            .args([
+                "--etcd",
+                &e,
+                "--peer-address",
+                "127.0.0.1:0",
+                "--size",
+                "256MiB",
+            ])
+            .env_remove("TORUS_LOG")
+            .env("TORUS_NODE__LEASE_TTL", "3s"),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the copy started: {stderr}");
+    assert!(
+        stderr.contains("in use by a live node") && stderr.contains(&nodes[0].id),
+        "{stderr}"
+    );
+    let peer = nodes[0].peer.clone().unwrap_or_default();
+    assert!(
+        stderr.contains(&peer),
+        "names the live node's address: {stderr}"
+    );
+    // The original still serves, and is still the one registered.
+    ctl_etcd(&e, &["volume", "create-block", "c", "8MiB"]);
+    let mut a = Client::connect(nodes[0].nbd, "c").expect("A still serves");
+    a.write(0, b"still A").expect("write on A");
+    a.flush().expect("flush on A");
+    drop(a);
+    assert!(
+        peers_json(&e)
+            .iter()
+            .any(|p| p["info"]["address"] == peer.as_str()),
+        "A's record stays"
+    );
+    // Killed, A starts again at once on a new peer port, within its dead
+    // run's lease (3 s), and comes back under its own id.
+    nodes[0].kill9();
+    let started = Instant::now();
+    let again = Torusd::start_cluster(&nodes[0].data_dir, &e, &["--size", "512MiB"]);
+    assert_eq!(again.id, nodes[0].id);
+    assert_ne!(again.peer, nodes[0].peer, "a new peer port");
+    eprintln!("restarted on a new port in {:?}", started.elapsed());
+    wait_for(
+        "A registered at its new address",
+        Duration::from_secs(10),
+        || {
+            let want = again.peer.clone().unwrap_or_default();
+            peers_json(&e)
+                .iter()
+                .any(|p| p["info"]["address"] == want.as_str())
+        },
+    );
+    // Its volume lock lapses with the dead run's lease before A may write.
+    let start = Instant::now();
+    let mut a = loop {
+        match Client::connect(again.nbd, "c") {
+            Ok(c) => break c,
+            Err(err) if start.elapsed() < Duration::from_secs(30) => {
+                assert!(
+                    err.to_string().contains("locked"),
+                    "unexpected error: {err}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(err) => panic!("A never served again: {err}"),
+        }
+    };
+    assert_eq!(a.read(0, 7).expect("read on A"), b"still A");
+}
+
 #[test]
 fn garbage_on_the_peer_port_leaves_the_node_serving() {
     require("nbdcopy");

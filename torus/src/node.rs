@@ -227,6 +227,10 @@ impl Node {
             listener = Some(l);
         }
         link.directory.set(opts.id, address.clone());
+        // Only nodes that talk to peers can be confused with one another.
+        if opts.transport.is_some() {
+            peers::check_id_unused(&*meta, opts.id, &address, opts.lease_ttl).await?;
+        }
         let node = Node {
             inner: Arc::new(Inner {
                 replica,

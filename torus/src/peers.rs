@@ -40,6 +40,52 @@ pub struct PeerStatus {
     pub member: Membership,
 }
 
+/// Refuse to start as `id` while another live node uses that id: a data
+/// directory copied from another node (a cloned VM, a restored backup)
+/// carries its `peer-id`, and two nodes under one id would take each
+/// other's replica traffic, each acknowledging writes for chunks the other
+/// holds. Called before this node's first heartbeat, with the address it
+/// will advertise.
+///
+/// A live record with this id and the same address is this node's own
+/// earlier run (two live processes cannot listen on one address), and so
+/// is one at another address that nobody rewrites: a dead run's record,
+/// lapsing with its lease (a restart that picked a new port). A live node
+/// rewrites its record every third of its lease's TTL (`heartbeat`), so
+/// the record is watched for half the TTL: rewritten means alive.
+pub async fn check_id_unused(
+    meta: &dyn MetadataStore,
+    id: PeerId,
+    address: &str,
+    ttl: std::time::Duration,
+) -> Result<()> {
+    let key = keys::peer(id);
+    let Some(first) = meta.get(&key).await? else {
+        return Ok(());
+    };
+    let theirs = decode::<PeerInfo>(&key, &first.value)
+        .map(|info| info.address)
+        .unwrap_or_default();
+    if theirs == address {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + ttl / 2;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match meta.get(&key).await? {
+            None => return Ok(()),
+            Some(now) if now.mod_revision != first.mod_revision => {
+                return Err(torus_traits::Error::InvalidArgument(format!(
+                    "peer id {id} is in use by a live node at {theirs:?}: every node needs a \
+                     data directory of its own (was this one copied from that node's?)"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Write this peer's record under its lease (and the lease-free copy).
 pub async fn heartbeat(meta: &dyn MetadataStore, info: &PeerInfo, lease: LeaseId) -> Result<()> {
     let value = encode(info)?;

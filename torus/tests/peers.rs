@@ -58,3 +58,58 @@ async fn forget_removes_a_client_peer_record_but_not_a_ring_member() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].info.address, "torusblk@host");
 }
+
+/// A node must not start under an id a live node uses (a copied data
+/// directory), and must start under the id of its own earlier run.
+#[tokio::test]
+async fn an_id_in_use_by_a_live_node_is_refused() {
+    let meta = std::sync::Arc::new(MemoryMetadata::new());
+    let ttl = Duration::from_millis(600);
+    let id = PeerId::random();
+    let mut other = info(id);
+    other.address = "10.0.0.1:40000".into();
+
+    // Nobody has the id.
+    peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
+        .await
+        .unwrap();
+
+    // Its record says this very address: this node's own earlier run.
+    let lease = meta.grant(Duration::from_secs(10)).await.unwrap();
+    peers::heartbeat(&*meta, &other, lease).await.unwrap();
+    let started = std::time::Instant::now();
+    peers::check_id_unused(&*meta, id, "10.0.0.1:40000", ttl)
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(200), "no wait");
+
+    // Another address, nobody rewriting it: a dead run's record.
+    peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
+        .await
+        .unwrap();
+
+    // Another address, rewritten as a live node does: refused, naming it.
+    let beating = {
+        let meta = meta.clone();
+        let other = other.clone();
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                peers::heartbeat(&*meta, &other, lease).await.unwrap();
+            }
+        })
+    };
+    let e = peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("in use by a live node"), "{e}");
+    assert!(e.to_string().contains("10.0.0.1:40000"), "{e}");
+    beating.abort();
+
+    // The live node's lease lapses (it died): its record goes, and the id
+    // is free again.
+    meta.revoke(lease).await.unwrap();
+    peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
+        .await
+        .unwrap();
+}
