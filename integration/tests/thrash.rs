@@ -126,9 +126,12 @@ fn fio_verify_survives_killed_and_restarted_peers_and_the_cluster_heals() {
                 // write, and failing it is right, but it is not what this
                 // test is about.
                 let deadline = Instant::now() + Duration::from_secs(60);
-                while Instant::now() < deadline
-                    && !ctl_etcd(&e, &["volume", "list"]).contains("healthy")
-                {
+                while !ctl_etcd(&e, &["volume", "list"]).contains("healthy") {
+                    assert!(
+                        Instant::now() < deadline,
+                        "node {node} was not brought up to date within 60 s of its restart: {}",
+                        ctl_etcd(&e, &["volume", "list"])
+                    );
                     std::thread::sleep(Duration::from_millis(250));
                 }
             }
@@ -147,11 +150,15 @@ fn fio_verify_survives_killed_and_restarted_peers_and_the_cluster_heals() {
             );
         }
         jobs += 1;
-        if done.load(Ordering::SeqCst) {
+        // (Finished without `done`: the killer failed; its join says why.)
+        if done.load(Ordering::SeqCst) || killer.is_finished() {
             break;
         }
     }
-    let others = killer.join().expect("the killer thread");
+    let others = match killer.join() {
+        Ok(others) => others,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
     // The long outage took the node out of the ring and its restart put it
     // back: at least two ring changes.
     assert!(

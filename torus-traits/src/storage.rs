@@ -79,7 +79,9 @@ pub fn sector_crcs(blocks: &[&Sector]) -> Vec<u32> {
 pub fn crcs_per_sector(data: &[u8]) -> Vec<u32> {
     let whole = data.chunks_exact(SECTOR as usize);
     let rest = whole.remainder();
-    let blocks: Vec<&Sector> = whole.filter_map(|b| b.try_into().ok()).collect();
+    let blocks: Vec<&Sector> = whole
+        .map(|b| <&Sector>::try_from(b).expect("chunks_exact gives whole sectors"))
+        .collect();
     let mut out = sector_crcs(&blocks);
     if !rest.is_empty() {
         out.push(crc32c(rest));

@@ -361,6 +361,18 @@ fn checksum(block: &[u8], b: u64, alloc: &Bitmap, stored: u32) -> Option<u32> {
 /// that fail their checksums.
 fn mismatches<H>(chunk: &Chunk<H>, sums: &Sums, start: u64, buf: &[u8]) -> Vec<u64> {
     let first = start / SECTOR;
+    if buf.len() < 4 * SECTOR as usize {
+        // Too few blocks to checksum together: no lists to allocate.
+        return buf
+            .chunks(SECTOR as usize)
+            .zip(first..)
+            .filter(|&(block, b)| {
+                let stored = sums.get(b);
+                checksum(block, b, &chunk.alloc, stored).is_some_and(|found| found != stored)
+            })
+            .map(|(_, b)| b)
+            .collect();
+    }
     // Whole blocks that hold data are checksummed together (see
     // `sector_crcs`); holes need none, and a short tail goes alone.
     let mut checked: Vec<(u64, u32)> = Vec::new();

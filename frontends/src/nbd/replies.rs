@@ -79,9 +79,13 @@ impl ReplyWriter {
     /// Sends the buffered bytes (with `MSG_MORE` when the socket takes them
     /// whole at once) and then `data`.
     async fn send_with(&mut self, data: &[u8]) -> io::Result<()> {
+        // Bytes held back by MSG_MORE leave with the next send: there is one.
+        debug_assert!(!data.is_empty());
         if !self.buf.is_empty() {
             let sock = socket2::SockRef::from(self.sock.as_ref());
-            match sock.send_with_flags(&self.buf, libc::MSG_MORE) {
+            // MSG_NOSIGNAL as std's own sends: a reset peer is an error, not
+            // a SIGPIPE.
+            match sock.send_with_flags(&self.buf, libc::MSG_MORE | libc::MSG_NOSIGNAL) {
                 Ok(n) if n == self.buf.len() => {
                     self.buf.clear();
                     return self.sock.write_all(data).await;
@@ -89,8 +93,17 @@ impl ReplyWriter {
                 Ok(n) => {
                     self.buf.drain(..n);
                 }
-                // Would block, or failed: the `writev` below finds out.
-                Err(_) => {}
+                // Full: the `writev` below waits for room.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    // The connection is over.
+                    self.buf.clear();
+                    return Err(e);
+                }
             }
         }
         let result = write_both(&mut self.sock, &self.buf, data).await;
@@ -167,8 +180,9 @@ mod tests {
 
     /// A socket that cannot take the buffered replies at once (a small send
     /// buffer, a reader slower than the writer): what goes ahead with
-    /// `MSG_MORE` is partial or nothing, and the rest goes with `writev`.
-    /// Every byte still arrives, in order.
+    /// `MSG_MORE` is partial or nothing, and the rest goes with `writev`
+    /// (both happen here, though when depends on timing). Every byte still
+    /// arrives, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_socket_still_gets_every_byte_in_order() {
         let (mut w, mut peer) = pair().await;
