@@ -823,13 +823,13 @@ async fn loopback_clients_get_the_configured_congestion_control() {
 }
 
 /// A client that sends one request at a time, `rounds` write-then-read
-/// pairs with a pause every tenth round longer than any busy poll; every
-/// answer checked.
-async fn one_at_a_time(srv: &TestServer, rounds: u64) {
+/// pairs in the 512 KiB of `alpha` from `base`, with a pause every tenth
+/// round longer than any busy poll; every answer checked.
+async fn one_at_a_time(srv: &TestServer, rounds: u64, base: u64) {
     let (mut c, _) = Client::attach(srv.addr, "alpha").await;
     for i in 0..rounds {
         let data = pattern(i as u8, 4096);
-        let off = (i % 64) * 8192;
+        let off = base + (i % 64) * 8192;
         c.write(off, &data, 0).await.unwrap();
         assert_eq!(c.read(off, 4096).await.unwrap(), data, "round {i}");
         if i % 10 == 9 {
@@ -857,7 +857,7 @@ async fn busy_polling_for_the_next_request_starves_nothing() {
             };
             let srv = TestServer::start(options).await;
             let started = Instant::now();
-            tokio::join!(one_at_a_time(&srv, 400), async {
+            tokio::join!(one_at_a_time(&srv, 400, 0), async {
                 // The other connection: served while the first one polls.
                 for _ in 0..20 {
                     still_serves(&srv).await;
@@ -885,7 +885,7 @@ async fn one_request_at_a_time_with_and_without_busy_polling() {
             };
             let srv = TestServer::start(options).await;
             let hits = torus_frontends::nbd::busy_poll_hits();
-            one_at_a_time(&srv, 300).await;
+            one_at_a_time(&srv, 300, 0).await;
             if !poll.is_zero() {
                 // The poll ran, and caught requests (most of them, on a
                 // machine that is not overloaded).
@@ -894,6 +894,46 @@ async fn one_request_at_a_time_with_and_without_busy_polling() {
             }
             srv.shutdown().await;
         }
+    })
+    .await
+}
+
+/// Several clients sending one request at a time: every one is served, and
+/// only one connection polls at any moment (polling costs one core at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_polls_at_a_time() {
+    within(60, async {
+        let options = NbdOptions {
+            busy_poll: Duration::from_millis(1),
+            ..NbdOptions::default()
+        };
+        let srv = TestServer::start(options).await;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut most = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(torus_frontends::nbd::busy_polling_now());
+                    tokio::task::yield_now().await;
+                }
+                most
+            })
+        };
+        tokio::join!(
+            one_at_a_time(&srv, 150, 0),
+            one_at_a_time(&srv, 150, MIB),
+            one_at_a_time(&srv, 150, 2 * MIB)
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let most = sampler.await.unwrap();
+        assert!(most <= 1, "{most} connections polled at once");
+        srv.shutdown().await;
+        assert_eq!(
+            torus_frontends::nbd::busy_polling_now(),
+            0,
+            "a slot was kept"
+        );
     })
     .await
 }

@@ -21,4 +21,6 @@ pub use congestion::{
     apply as use_loopback_congestion, check_name as check_congestion_name,
     current as congestion_of, DEFAULT as DEFAULT_LOOPBACK_CONGESTION,
 };
-pub use server::{busy_poll_hits, NbdFrontend, NbdOptions, DEFAULT_BUSY_POLL, MAX_BUSY_POLL};
+pub use server::{
+    busy_poll_hits, busy_polling_now, NbdFrontend, NbdOptions, DEFAULT_BUSY_POLL, MAX_BUSY_POLL,
+};

@@ -111,14 +111,49 @@ pub struct NbdOptions {
     /// busy-polls for the next one before its thread sleeps (see
     /// `Conn::poll_for_header`); zero never polls. It trades CPU for
     /// latency: while such a client keeps up, a core spins between its
-    /// requests (a core per such client, up to all of them). At most
+    /// requests. One connection of the process polls at a time, so that is
+    /// one core at most, whatever the number of such clients. At most
     /// [`MAX_BUSY_POLL`].
     pub busy_poll: Duration,
+}
+
+/// Connections busy-polling right now, in this process: at most
+/// [`MAX_POLLING`], so polling costs at most one core however many clients
+/// send one request at a time (a storage node shares its cores with the
+/// workloads it serves); the others wait for their next request as usual.
+static POLLING: AtomicUsize = AtomicUsize::new(0);
+const MAX_POLLING: usize = 1;
+
+/// One of the [`MAX_POLLING`] places, given back when dropped.
+struct PollSlot;
+
+impl PollSlot {
+    fn take() -> Option<PollSlot> {
+        POLLING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_POLLING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PollSlot)
+    }
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        POLLING.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Request headers a busy poll saw arrive, in this process (see
 /// [`busy_poll_hits`]).
 static BUSY_POLL_HITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many connections of this process are busy-polling now (for tests:
+/// never more than one).
+#[doc(hidden)]
+pub fn busy_polling_now() -> usize {
+    POLLING.load(Ordering::Acquire)
+}
 
 /// How many request headers busy polling has caught in this process (for
 /// tests: that the poll runs at all).
@@ -761,8 +796,8 @@ impl Conn<'_> {
     /// `NbdOptions::busy_poll` since `waited`, when the client looks like it
     /// waits for each reply before sending its next request: at most one
     /// request of this connection in flight, nothing buffered, and the last
-    /// header came within the budget. Otherwise (an idle or a pipelining
-    /// client) it returns at once.
+    /// header came within the budget, and no other connection is polling.
+    /// Otherwise (an idle or a pipelining client) it returns at once.
     ///
     /// Why: a worker thread that parks in `epoll_wait` is woken by the
     /// client's next request through an interrupt and a context switch, and
@@ -798,6 +833,9 @@ impl Conn<'_> {
         {
             return;
         }
+        let Some(_polling) = PollSlot::take() else {
+            return;
+        };
         while waited.elapsed() < budget {
             if self.rd.get_ref().readable().now_or_never().is_some() {
                 BUSY_POLL_HITS.fetch_add(1, Ordering::Relaxed);
