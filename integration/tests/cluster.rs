@@ -265,6 +265,23 @@ fn replicated_volume_survives_a_killed_peer_on(
     );
 }
 
+/// Open `volume` at `nbd`, retrying for up to 30 s while it is still
+/// locked by a writer that died (its lease lapsing); any other refusal, or
+/// still locked after that, fails with `what`.
+fn connect_once_unlocked(nbd: std::net::SocketAddr, volume: &str, what: &str) -> Client {
+    let start = Instant::now();
+    loop {
+        match Client::connect(nbd, volume) {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                assert!(e.to_string().contains("locked"), "unexpected error: {e}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn a_second_writer_is_refused_until_the_holder_dies() {
     let etcd = EtcdServer::start();
@@ -294,17 +311,7 @@ fn a_second_writer_is_refused_until_the_holder_dies() {
     // A dies holding the lock; once its lease lapses B takes over and sees every flushed write.
     nodes[0].kill9();
     drop(a);
-    let start = Instant::now();
-    let mut b = loop {
-        match Client::connect(nodes[1].nbd, "f") {
-            Ok(c) => break c,
-            Err(e) if start.elapsed() < Duration::from_secs(30) => {
-                assert!(e.to_string().contains("locked"), "unexpected error: {e}");
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(e) => panic!("B never took over: {e}"),
-        }
-    };
+    let mut b = connect_once_unlocked(nodes[1].nbd, "f", "B never took over");
     assert_eq!(
         b.read(MIB, flushed.len() as u32).expect("read on B"),
         flushed
@@ -393,20 +400,7 @@ fn a_copied_data_directory_does_not_start_beside_its_original() {
         },
     );
     // Its volume lock lapses with the dead run's lease before A may write.
-    let start = Instant::now();
-    let mut a = loop {
-        match Client::connect(again.nbd, "c") {
-            Ok(c) => break c,
-            Err(err) if start.elapsed() < Duration::from_secs(30) => {
-                assert!(
-                    err.to_string().contains("locked"),
-                    "unexpected error: {err}"
-                );
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(err) => panic!("A never served again: {err}"),
-        }
-    };
+    let mut a = connect_once_unlocked(again.nbd, "c", "A never served again");
     assert_eq!(a.read(0, 7).expect("read on A"), b"still A");
 }
 

@@ -525,15 +525,8 @@ impl Config {
                 return bad("nbd.loopback_congestion", why);
             }
         }
-        if self.nbd.busy_poll > torus_frontends::nbd::MAX_BUSY_POLL {
-            return bad(
-                "nbd.busy_poll",
-                format!(
-                    "{} is too long (at most {})",
-                    humantime::format_duration(self.nbd.busy_poll),
-                    humantime::format_duration(torus_frontends::nbd::MAX_BUSY_POLL)
-                ),
-            );
+        if let Err(why) = torus_frontends::nbd::check_busy_poll(self.nbd.busy_poll) {
+            return bad("nbd.busy_poll", why);
         }
         if self.nbd.max_in_flight == 0 || self.nbd.max_in_flight > 4096 {
             return bad(

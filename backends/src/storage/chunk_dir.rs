@@ -350,11 +350,12 @@ fn corrupt(id: ChunkRef, bad: &[Mismatch]) -> Error {
 /// bit and a zero-block checksum: zeros by construction, not worth
 /// checksumming).
 fn checksum(block: &[u8], b: u64, alloc: &Bitmap, stored: u32) -> Option<u32> {
-    if stored == ZERO_CRC && !alloc.get(b) {
-        None
-    } else {
-        Some(block_crc(block))
-    }
+    (!is_hole(b, alloc, stored)).then(|| block_crc(block))
+}
+
+/// Whether block `b` is a hole: no data bit and a zero-block checksum.
+fn is_hole(b: u64, alloc: &Bitmap, stored: u32) -> bool {
+    stored == ZERO_CRC && !alloc.get(b)
 }
 
 /// The blocks of `buf` (the chunk's bytes from the block-aligned `start`)
@@ -380,7 +381,7 @@ fn mismatches<H>(chunk: &Chunk<H>, sums: &Sums, start: u64, buf: &[u8]) -> Vec<u
     let mut bad = Vec::new();
     for (block, b) in buf.chunks(SECTOR as usize).zip(first..) {
         let stored = sums.get(b);
-        if stored == ZERO_CRC && !chunk.alloc.get(b) {
+        if is_hole(b, &chunk.alloc, stored) {
             continue;
         }
         match <&Sector>::try_from(block) {

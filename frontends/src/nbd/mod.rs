@@ -22,5 +22,6 @@ pub use congestion::{
     current as congestion_of, DEFAULT as DEFAULT_LOOPBACK_CONGESTION,
 };
 pub use server::{
-    busy_poll_hits, busy_polling_now, NbdFrontend, NbdOptions, DEFAULT_BUSY_POLL, MAX_BUSY_POLL,
+    busy_poll_hits, busy_polling_now, check_busy_poll, NbdFrontend, NbdOptions, DEFAULT_BUSY_POLL,
+    MAX_BUSY_POLL,
 };

@@ -164,6 +164,15 @@ pub fn busy_poll_hits() -> u64 {
 
 /// The longest `NbdOptions::busy_poll` accepted.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+/// Whether `poll` is an acceptable `NbdOptions::busy_poll` (for config
+/// validation too): why not.
+pub fn check_busy_poll(poll: Duration) -> std::result::Result<(), String> {
+    if poll > MAX_BUSY_POLL {
+        return Err(format!("{poll:?} is too long (at most {MAX_BUSY_POLL:?})"));
+    }
+    Ok(())
+}
 /// `NbdOptions::busy_poll` by default: above the gap between one reply and
 /// the next request of a client in a loop on this kind of machine (about
 /// 80 µs), so that gap is polled, not slept through.
@@ -200,9 +209,7 @@ impl NbdOptions {
         if self.max_in_flight_bytes == 0 || self.max_in_flight_bytes > Semaphore::MAX_PERMITS {
             return bad("max_in_flight_bytes must be between 1 and 2^61");
         }
-        if self.busy_poll > MAX_BUSY_POLL {
-            return bad(&format!("busy_poll must be at most {MAX_BUSY_POLL:?}"));
-        }
+        check_busy_poll(self.busy_poll).or_else(|why| bad(&format!("busy_poll: {why}")))?;
         if let Some(name) = &self.loopback_congestion {
             congestion::check_name(name)
                 .or_else(|why| bad(&format!("loopback_congestion: {why}")))?;
