@@ -499,6 +499,74 @@ async fn a_request_that_panics_gets_eio_and_the_connection_goes_on() {
     .await
 }
 
+/// Large writes run on the reader until they first wait (the server's
+/// `INLINE_WRITE_MIN`): a panic there still fails only that request.
+#[tokio::test]
+async fn a_large_write_that_panics_gets_eio_and_the_connection_goes_on() {
+    within(30, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        let kept = pattern(1, MIB as usize);
+        c.write(0, &kept, 0).await.unwrap();
+        srv.vols.set_panic("alpha", true).unwrap();
+        assert_eq!(c.write(0, &pattern(2, MIB as usize), 0).await, Err(EIO));
+        srv.vols.set_panic("alpha", false).unwrap();
+        assert_eq!(c.read(0, MIB as u32).await.unwrap(), kept);
+        still_serves(&srv).await;
+        srv.shutdown().await;
+    })
+    .await
+}
+
+/// A large write whose device call waits is handed to a task of its own:
+/// the reader goes on reading and later requests are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_that_wait_do_not_hold_the_reader() {
+    within(60, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        srv.vols
+            .set_latency("alpha", Some(Duration::from_millis(200)))
+            .unwrap();
+        let start = Instant::now();
+        let mut expected: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
+        for i in 0..8u64 {
+            let h = 100 + i;
+            let data = pattern(10 + i as u8, MIB as usize);
+            c.send_request(0, CMD_WRITE, h, i * MIB, MIB as u32, &data)
+                .await;
+            expected.insert(h, None);
+            let h = 200 + i;
+            c.send_request(0, CMD_READ, h, 8 * MIB + i * 4096, 4096, &[])
+                .await;
+            expected.insert(h, Some(vec![0; 4096]));
+        }
+        for _ in 0..16 {
+            let (error, handle) = c.reply().await;
+            assert_eq!(error, 0, "handle {handle}");
+            let want = expected
+                .remove(&handle)
+                .unwrap_or_else(|| panic!("unexpected or duplicate handle {handle}"));
+            if let Some(data) = want {
+                assert_eq!(c.read_bytes(data.len()).await, data, "handle {handle}");
+            }
+        }
+        let elapsed = start.elapsed();
+        // One after another, these would take 16 × 200 ms.
+        assert!(
+            elapsed < Duration::from_millis(1600),
+            "large writes held the reader: {elapsed:?}"
+        );
+        srv.vols.set_latency("alpha", None).unwrap();
+        for i in 0..8u64 {
+            let got = c.read(i * MIB, MIB as u32).await.unwrap();
+            assert!(got == pattern(10 + i as u8, MIB as usize), "write {i}");
+        }
+        srv.shutdown().await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn wrong_request_magic_closes_the_connection() {
     within(30, async {

@@ -22,12 +22,13 @@
 //! Reads, flushes and large writes run on tokio's blocking pool
 //! (`spawn_blocking`), so a slow disk stalls no async task; writes of up to
 //! 64 KiB only copy into the page cache and run on the calling task, which
-//! is cheaper than the hand-off, and so do reads of up to 1 MiB that the
-//! page cache holds (`preadv2` with `RWF_NOWAIT`; those of 512 KiB or
+//! is cheaper than the hand-off, and so do writes of up to 1 MiB unless
+//! one of them was slow in the last second, and reads of up to 1 MiB that
+//! the page cache holds (`preadv2` with `RWF_NOWAIT`; those of 512 KiB or
 //! more go to the pool while file views are wanted; see
-//! `chunk_dir::INLINE_IO_MAX` and `INLINE_READ_MAX`; a write still goes to
-//! the pool when its chunk must first be entered in the dirty log, once per
-//! chunk per flush). Files are read
+//! `chunk_dir::INLINE_IO_MAX`, `INLINE_WRITE_MAX` and `INLINE_READ_MAX`; a
+//! write still goes to the pool when its chunk must first be entered in
+//! the dirty log, once per chunk per flush). Files are read
 //! and written concurrently through one shared descriptor each: `pread` and
 //! `pwrite` need no lock.
 
@@ -276,6 +277,57 @@ mod tests {
         assert_eq!(
             &store.dir.read(chunk, 0, 4096).expect("read")[..],
             &[2u8; 4096][..]
+        );
+    }
+
+    #[test]
+    fn large_writes_leave_the_calling_task_for_a_while_after_a_slow_one() {
+        use super::super::chunk_dir::{INLINE_WRITE_MAX, SLOW_INLINE_WRITE};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = FileBlockStore::open(tmp.path(), 4 << 20, 16 << 20).expect("open");
+        let chunk = ChunkRef::new(VolumeId(1), 0);
+        let large = INLINE_WRITE_MAX;
+        // Entered in the dirty log (a sync), so later writes can be inline.
+        store.dir.write(chunk, 0, &[1u8; 4096]).expect("write");
+        assert!(store
+            .dir
+            .write_on_task(chunk, 0, &vec![2u8; large])
+            .expect("inline"));
+        assert!(
+            !store
+                .dir
+                .write_on_task(chunk, 0, &vec![3u8; large + 4096])
+                .expect("inline"),
+            "over the largest inline write"
+        );
+        store.dir.pretend_large_inline_took(SLOW_INLINE_WRITE);
+        assert!(
+            store
+                .dir
+                .write_on_task(chunk, 0, &vec![4u8; large])
+                .expect("inline"),
+            "not slow"
+        );
+        store.dir.pretend_large_inline_took(SLOW_INLINE_WRITE * 2);
+        assert!(
+            !store
+                .dir
+                .write_on_task(chunk, 0, &vec![5u8; large])
+                .expect("inline"),
+            "large writes go to the pool after a slow one"
+        );
+        assert!(
+            store
+                .dir
+                .write_on_task(chunk, 0, &[6u8; 4096])
+                .expect("inline"),
+            "small writes stay on the task"
+        );
+        let got = store.dir.read(chunk, 0, large as u64).expect("read");
+        assert_eq!(&got[..4096], &[6u8; 4096][..]);
+        assert!(
+            got[4096..].iter().all(|&b| b == 4),
+            "the refused writes changed nothing"
         );
     }
 
