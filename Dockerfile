@@ -7,7 +7,7 @@
 # Stage 1 builds everything; the driver is linked statically (musl) because
 # DROP_MOUNT_BIN copies it to the host, where kubelet runs it with whatever C
 # library the host has.
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler musl-tools \
  && rm -rf /var/lib/apt/lists/* \

@@ -39,85 +39,23 @@ pub const SECTOR: u64 = 4096;
 
 /// The crc32c (CRC-32/ISCSI, Castagnoli) of `data`: the checksum stores
 /// keep per 4 KiB block.
-pub fn crc32c(data: &[u8]) -> u32 {
-    crc32c::crc32c(data)
-}
-
-/// One checksum block: [`SECTOR`] bytes.
-pub type Sector = [u8; SECTOR as usize];
-
-/// The crc32c of each block in `blocks`, in order: what [`crc32c`] gives
-/// for each, computed four blocks at a time where the CPU has a crc32c
-/// instruction (x86-64 with SSE4.2).
 ///
-/// Why not one block at a time: the instruction has a latency of three
-/// cycles and a throughput of one, so a single stream waits on itself.
-/// `crc32c` interleaves three streams inside one block and then combines
-/// them (18.2 GB/s on 4 KiB blocks here); four independent blocks
-/// interleave with nothing to combine (23.7 GB/s), and checksums are a
-/// large part of the store's CPU per byte (a crc for every 4 KiB written
-/// and every 4 KiB read).
-pub fn sector_crcs(blocks: &[&Sector]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(blocks.len());
-    let mut groups = blocks.chunks_exact(4);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("sse4.2") {
-        for g in groups.by_ref() {
-            // SAFETY: the CPU has SSE4.2 (checked above).
-            out.extend(unsafe { four_sectors([g[0], g[1], g[2], g[3]]) });
-        }
-    }
-    for g in groups.by_ref() {
-        out.extend(g.iter().map(|b| crc32c(&b[..])));
-    }
-    out.extend(groups.remainder().iter().map(|b| crc32c(&b[..])));
-    out
+/// Computed by `crc-fast`, which on x86-64 runs the CPU's crc32c
+/// instruction and carry-less multiplication (`pclmulqdq`, or
+/// `vpclmulqdq` with AVX-512) side by side on different parts of the
+/// buffer: 37–40 GB/s on 4 KiB blocks here, against 16–21 for the `crc32c`
+/// crate (three interleaved instruction streams) and 23.7 for four blocks
+/// interleaved, which this used before. Checksums are a large part of the
+/// store's CPU per byte: one for every 4 KiB written and every 4 KiB read.
+pub fn crc32c(data: &[u8]) -> u32 {
+    // CRC-32/ISCSI is a 32-bit CRC: the upper half is always zero.
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
 }
 
 /// The crc32c of each [`SECTOR`] of `data` in order, the last one shorter
-/// when `data` does not end on a block boundary (see [`sector_crcs`]).
+/// when `data` does not end on a block boundary.
 pub fn crcs_per_sector(data: &[u8]) -> Vec<u32> {
-    let whole = data.chunks_exact(SECTOR as usize);
-    let rest = whole.remainder();
-    let blocks: Vec<&Sector> = whole
-        .map(|b| <&Sector>::try_from(b).expect("chunks_exact gives whole sectors"))
-        .collect();
-    let mut out = sector_crcs(&blocks);
-    if !rest.is_empty() {
-        out.push(crc32c(rest));
-    }
-    out
-}
-
-/// crc32c of four blocks at once, their streams interleaved.
-///
-/// # Safety
-/// The CPU must have SSE4.2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.2")]
-unsafe fn four_sectors(blocks: [&Sector; 4]) -> [u32; 4] {
-    use std::arch::x86_64::_mm_crc32_u64;
-    let mut crc = [u64::from(u32::MAX); 4];
-    let all = blocks[0]
-        .chunks_exact(8)
-        .zip(blocks[1].chunks_exact(8))
-        .zip(blocks[2].chunks_exact(8))
-        .zip(blocks[3].chunks_exact(8));
-    for (((a, b), c), d) in all {
-        crc[0] = _mm_crc32_u64(crc[0], word(a));
-        crc[1] = _mm_crc32_u64(crc[1], word(b));
-        crc[2] = _mm_crc32_u64(crc[2], word(c));
-        crc[3] = _mm_crc32_u64(crc[3], word(d));
-    }
-    // The instruction keeps the register's upper half zero.
-    crc.map(|c| !(c as u32))
-}
-
-/// An 8-byte piece of a block as the crc32c instruction takes it.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn word(w: &[u8]) -> u64 {
-    u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    data.chunks(SECTOR as usize).map(crc32c).collect()
 }
 
 /// What [`BlockStore::scan_chunk`] found in one chunk.
@@ -198,36 +136,34 @@ mod tests {
         assert_eq!(crc32c(b""), 0);
         // Lengths around the fast paths' thresholds agree with a bitwise CRC.
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 131 % 251) as u8).collect();
-        for len in [1, 7, 8, 63, 64, 127, 128, 255, 256, 4095, 4096, 10_000] {
+        for len in [
+            0, 1, 7, 8, 63, 64, 127, 128, 255, 256, 4095, 4096, 4097, 10_000,
+        ] {
             assert_eq!(crc32c(&data[..len]), bitwise(&data[..len]), "length {len}");
+        }
+        // Every start alignment, lengths around the vector widths.
+        for from in 0..64 {
+            for len in [31, 32, 33, 255, 256, 257, 1023, 1024, 4096 - from] {
+                let d = &data[from..from + len];
+                assert_eq!(crc32c(d), bitwise(d), "from {from}, length {len}");
+            }
         }
     }
 
-    /// Every count of blocks around the groups of four, every position in
-    /// a group, and a short tail: the same as one block at a time.
+    /// Per block, with a short tail, the same as one block at a time.
     #[test]
-    fn sector_crcs_match_crc32c() {
+    fn crcs_per_sector_match_crc32c() {
         let data: Vec<u8> = (0..(11 * SECTOR as u32 + 100))
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let blocks: Vec<&Sector> = data
-            .chunks_exact(SECTOR as usize)
-            .map(|b| b.try_into().unwrap())
-            .collect();
-        for n in 0..=blocks.len() {
-            let refs = &blocks[..n];
-            let want: Vec<u32> = refs.iter().map(|b| crc32c(&b[..])).collect();
-            assert_eq!(sector_crcs(refs), want, "{n} blocks");
-        }
-        // Out of order, and the same block twice.
-        let refs = [blocks[3], blocks[0], blocks[3], blocks[9], blocks[1]];
-        let want: Vec<u32> = refs.iter().map(|b| crc32c(&b[..])).collect();
-        assert_eq!(sector_crcs(&refs), want);
         for len in [0, 100, 4096, 4196, 5 * 4096, data.len()] {
             let want: Vec<u32> = data[..len].chunks(4096).map(crc32c).collect();
             assert_eq!(crcs_per_sector(&data[..len]), want, "length {len}");
         }
-        assert_eq!(sector_crcs(&[&[0u8; SECTOR as usize]; 4]), [0x98f9_4189; 4]);
+        assert_eq!(
+            crcs_per_sector(&[0u8; 4 * SECTOR as usize]),
+            [0x98f9_4189; 4]
+        );
     }
 
     fn bitwise(data: &[u8]) -> u32 {

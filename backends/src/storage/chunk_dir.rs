@@ -178,7 +178,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
-use torus_traits::storage::{crcs_per_sector, sector_crcs, Sector};
+use torus_traits::storage::crcs_per_sector;
 use torus_traits::{pagecache, ChunkRef, ChunkScan, Error, Result, VolumeId, SECTOR};
 
 /// How bytes move between memory and one open chunk file.
@@ -363,50 +363,14 @@ fn is_hole(b: u64, alloc: &Bitmap, stored: u32) -> bool {
 /// that fail their checksums.
 fn mismatches<H>(chunk: &Chunk<H>, sums: &Sums, start: u64, buf: &[u8]) -> Vec<u64> {
     let first = start / SECTOR;
-    if buf.len() < 4 * SECTOR as usize {
-        // Too few blocks to checksum together: no lists to allocate.
-        return buf
-            .chunks(SECTOR as usize)
-            .zip(first..)
-            .filter(|&(block, b)| {
-                let stored = sums.get(b);
-                checksum(block, b, &chunk.alloc, stored).is_some_and(|found| found != stored)
-            })
-            .map(|(_, b)| b)
-            .collect();
-    }
-    // Whole blocks that hold data are checksummed together (see
-    // `sector_crcs`); holes need none, and a short tail goes alone.
-    let mut checked: Vec<(u64, u32)> = Vec::new();
-    let mut blocks: Vec<&Sector> = Vec::new();
-    let mut bad = Vec::new();
-    for (block, b) in buf.chunks(SECTOR as usize).zip(first..) {
-        let stored = sums.get(b);
-        if is_hole(b, &chunk.alloc, stored) {
-            continue;
-        }
-        match <&Sector>::try_from(block) {
-            Ok(whole) => {
-                checked.push((b, stored));
-                blocks.push(whole);
-            }
-            Err(_) => {
-                if block_crc(block) != stored {
-                    bad.push(b);
-                }
-            }
-        }
-    }
-    let crcs = sector_crcs(&blocks);
-    bad.extend(
-        checked
-            .iter()
-            .zip(crcs)
-            .filter(|&(&(_, stored), crc)| crc != stored)
-            .map(|(&(b, _), _)| b),
-    );
-    bad.sort_unstable();
-    bad
+    buf.chunks(SECTOR as usize)
+        .zip(first..)
+        .filter(|&(block, b)| {
+            let stored = sums.get(b);
+            checksum(block, b, &chunk.alloc, stored).is_some_and(|found| found != stored)
+        })
+        .map(|(_, b)| b)
+        .collect()
 }
 
 /// The block-aligned range holding `[offset, offset+len)`.

@@ -238,7 +238,7 @@ impl Pinned {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let page = u64::try_from(page).ok().filter(|&p| p > 0)?;
         let end = offset.checked_add(len as u64)?;
-        if len == 0 || offset % page != 0 || end > file.metadata().ok()?.len() {
+        if len == 0 || !offset.is_multiple_of(page) || end > file.metadata().ok()?.len() {
             return None;
         }
         let at = off_t(offset).ok()?;

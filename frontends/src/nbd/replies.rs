@@ -215,7 +215,7 @@ mod tests {
                 assert!(n > 0, "closed after {} of {total} bytes", got.len());
                 got.extend_from_slice(&chunk[..n]);
                 reads += 1;
-                if reads % 32 == 0 {
+                if reads.is_multiple_of(32) {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
             }
