@@ -1062,8 +1062,8 @@ impl Conn<'_> {
 /// into the page cache) does so before the reader reads on: no hand-off to
 /// another task, no other worker woken to run it. This is how a threaded
 /// server such as nbdkit handles a write, and on two cores it beat
-/// spreading the work: 1 MiB writes at queue depth 8 went from 2.5–2.9 to
-/// 3.3–3.4 GB/s (with the store writing them on the calling task, see
+/// spreading the work: 1 MiB writes at queue depth 8 went from 2.6–3.1 to
+/// 3.2–3.9 GB/s (with the store writing them on the calling task, see
 /// `torus_backends`' `INLINE_WRITE_MAX`). A write that must wait (for a
 /// replica, the blocking pool, the disk) continues in its own task from
 /// there, so the reader is held only for work that was going to keep a
