@@ -529,7 +529,7 @@ async fn large_writes_that_wait_do_not_hold_the_reader() {
             .set_latency("alpha", Some(Duration::from_millis(200)))
             .unwrap();
         let start = Instant::now();
-        let mut expected: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
+        let mut expected: Expected = HashMap::new();
         for i in 0..8u64 {
             let h = 100 + i;
             let data = pattern(10 + i as u8, MIB as usize);
@@ -541,16 +541,7 @@ async fn large_writes_that_wait_do_not_hold_the_reader() {
                 .await;
             expected.insert(h, Some(vec![0; 4096]));
         }
-        for _ in 0..16 {
-            let (error, handle) = c.reply().await;
-            assert_eq!(error, 0, "handle {handle}");
-            let want = expected
-                .remove(&handle)
-                .unwrap_or_else(|| panic!("unexpected or duplicate handle {handle}"));
-            if let Some(data) = want {
-                assert_eq!(c.read_bytes(data.len()).await, data, "handle {handle}");
-            }
-        }
+        expect_replies(&mut c, expected).await;
         let elapsed = start.elapsed();
         // One after another, these would take 16 × 200 ms.
         assert!(
@@ -633,6 +624,24 @@ async fn clients_vanishing_mid_request() {
     .await
 }
 
+/// Replies still to come, by handle: a `READ`'s data, or `None`.
+type Expected = HashMap<u64, Option<Vec<u8>>>;
+
+/// Reads one successful reply for each request in `expected`, in any
+/// order, each once, checking `READ` data.
+async fn expect_replies(c: &mut Client, mut expected: Expected) {
+    while !expected.is_empty() {
+        let (error, handle) = c.reply().await;
+        assert_eq!(error, 0, "handle {handle}");
+        let want = expected
+            .remove(&handle)
+            .unwrap_or_else(|| panic!("unexpected or duplicate handle {handle}"));
+        if let Some(data) = want {
+            assert_eq!(c.read_bytes(data.len()).await, data, "handle {handle}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_requests_in_flight_on_one_connection() {
     within(60, async {
@@ -649,7 +658,7 @@ async fn sixty_four_requests_in_flight_on_one_connection() {
             .unwrap();
         // 32 reads and 32 writes, sent back to back before reading any reply.
         let start = Instant::now();
-        let mut expected: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
+        let mut expected: Expected = HashMap::new();
         for i in 0..32u64 {
             let h = 1_000 + i;
             c.send_request(0, CMD_READ, h, i * 65_536, 65_536, &[])
@@ -661,17 +670,7 @@ async fn sixty_four_requests_in_flight_on_one_connection() {
                 .await;
             expected.insert(h, None);
         }
-        for _ in 0..64 {
-            let (error, handle) = c.reply().await;
-            assert_eq!(error, 0, "handle {handle}");
-            let want = expected
-                .remove(&handle)
-                .unwrap_or_else(|| panic!("unexpected or duplicate handle {handle}"));
-            if let Some(data) = want {
-                assert_eq!(c.read_bytes(data.len()).await, data, "handle {handle}");
-            }
-        }
-        assert!(expected.is_empty());
+        expect_replies(&mut c, expected).await;
         let elapsed = start.elapsed();
         // Serially this would take 64 × 100 ms.
         assert!(
