@@ -689,6 +689,56 @@ async fn sixty_four_requests_in_flight_on_one_connection() {
     .await
 }
 
+/// Large read replies are sent by their own request tasks, small ones by
+/// the writer task: pipelined together, every reply still arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_small_replies_pipelined_arrive_whole() {
+    within(60, async {
+        let srv = TestServer::start(NbdOptions::default()).await;
+        let (mut c, _) = Client::attach(srv.addr, "alpha").await;
+        for i in 0..4u64 {
+            c.write(i * MIB, &pattern(i as u8, MIB as usize), 0)
+                .await
+                .unwrap();
+        }
+        for i in 0..16u64 {
+            c.write(8 * MIB + i * 4096, &pattern(50 + i as u8, 4096), 0)
+                .await
+                .unwrap();
+        }
+        // Many finish together, so direct sends meet each other and the
+        // writer's batches.
+        srv.vols
+            .set_latency("alpha", Some(Duration::from_millis(2)))
+            .unwrap();
+        for round in 0..4u64 {
+            let mut expected: Expected = HashMap::new();
+            for i in 0..16u64 {
+                let h = round * 1_000 + i;
+                if i % 4 == 0 {
+                    let at = (i / 4) % 4;
+                    c.send_request(0, CMD_READ, h, at * MIB, MIB as u32, &[])
+                        .await;
+                    expected.insert(h, Some(pattern(at as u8, MIB as usize)));
+                } else {
+                    c.send_request(0, CMD_READ, h, 8 * MIB + i * 4096, 4096, &[])
+                        .await;
+                    expected.insert(h, Some(pattern(50 + i as u8, 4096)));
+                }
+                let h = round * 1_000 + 500 + i;
+                c.send_request(0, CMD_WRITE, h, 12 * MIB + i * 4096, 8, b"smallone")
+                    .await;
+                expected.insert(h, None);
+            }
+            expect_replies(&mut c, expected).await;
+        }
+        srv.vols.set_latency("alpha", None).unwrap();
+        assert_eq!(c.read(12 * MIB + 15 * 4096, 8).await.unwrap(), b"smallone");
+        srv.shutdown().await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_in_flight_limit_still_completes_everything() {
     within(60, async {
