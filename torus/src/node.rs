@@ -229,7 +229,8 @@ impl Node {
         link.directory.set(opts.id, address.clone());
         // Only nodes that talk to peers can be confused with one another.
         if opts.transport.is_some() {
-            peers::check_id_unused(&*meta, opts.id, &address, opts.lease_ttl).await?;
+            let record = peer_record(&replica, opts.id, address.clone(), 0).await?;
+            peers::claim_id(&*meta, &record, lease, opts.lease_ttl).await?;
         }
         let node = Node {
             inner: Arc::new(Inner {
@@ -805,18 +806,27 @@ fn copy_rate(inner: &Inner) -> u64 {
     sample.2
 }
 
-async fn heartbeat_once(inner: &Inner) -> Result<()> {
-    let store = inner.replica.store();
-    let used = store.used().await?;
-    let address = lock(&inner.address).clone();
-    let info = PeerInfo {
-        id: inner.opts.id,
+/// This node's peer record as of now.
+async fn peer_record(
+    replica: &Replica,
+    id: PeerId,
+    address: String,
+    rebalance_rate: u64,
+) -> Result<PeerInfo> {
+    let store = replica.store();
+    Ok(PeerInfo {
+        id,
         address,
         capacity: store.capacity(),
-        used,
-        rebalance_rate: copy_rate(inner),
+        used: store.used().await?,
+        rebalance_rate,
         updated_unix_ms: catalog::now_ms(),
-    };
+    })
+}
+
+async fn heartbeat_once(inner: &Inner) -> Result<()> {
+    let address = lock(&inner.address).clone();
+    let info = peer_record(&inner.replica, inner.opts.id, address, copy_rate(inner)).await?;
     let lease = *lock(&inner.lease);
     peers::heartbeat(&*inner.meta, &info, lease).await
 }

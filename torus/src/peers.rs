@@ -11,7 +11,7 @@ use crate::codec::{decode, encode};
 use crate::keys;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use torus_traits::{LeaseId, MetadataStore, PeerId, PeerInfo, Result, Txn, TxnOp};
+use torus_traits::{Compare, LeaseId, MetadataStore, PeerId, PeerInfo, Result, Txn, TxnOp};
 
 const PEER_INFO: &str = "/torus/peer-info/";
 
@@ -40,50 +40,85 @@ pub struct PeerStatus {
     pub member: Membership,
 }
 
-/// Refuse to start as `id` while another live node uses that id: a data
-/// directory copied from another node (a cloned VM, a restored backup)
-/// carries its `peer-id`, and two nodes under one id would take each
-/// other's replica traffic, each acknowledging writes for chunks the other
-/// holds. Called before this node's first heartbeat, with the address it
-/// will advertise.
+/// Claim `info.id` for this node, refusing while another live node uses
+/// that id: a data directory copied from another node (a cloned VM, a
+/// restored backup) carries its `peer-id`, and two nodes under one id would
+/// take each other's replica traffic, each acknowledging writes for chunks
+/// the other holds. Called before this node's first heartbeat, with the
+/// record it will write (its advertised address) and its lease.
+///
+/// The record is created only where there is none, in one transaction, so
+/// of two nodes starting at once under one id exactly one writes it; the
+/// other finds a record, as it would a running node's.
 ///
 /// A live record with this id and the same address is this node's own
 /// earlier run (two live processes cannot listen on one address), and so
 /// is one at another address that nobody rewrites: a dead run's record,
 /// lapsing with its lease (a restart that picked a new port). A live node
 /// rewrites its record every third of its lease's TTL (`heartbeat`), so
-/// the record is watched for half the TTL: rewritten means alive.
-pub async fn check_id_unused(
+/// the record is watched for half the TTL: rewritten means alive. A record
+/// that lapses meanwhile is claimed anew.
+pub async fn claim_id(
     meta: &dyn MetadataStore,
-    id: PeerId,
-    address: &str,
+    info: &PeerInfo,
+    lease: LeaseId,
     ttl: std::time::Duration,
 ) -> Result<()> {
-    let key = keys::peer(id);
-    let Some(first) = meta.get(&key).await? else {
-        return Ok(());
-    };
-    let theirs = decode::<PeerInfo>(&key, &first.value)
-        .map(|info| info.address)
-        .unwrap_or_default();
-    if theirs == address {
-        return Ok(());
-    }
-    let deadline = tokio::time::Instant::now() + ttl / 2;
-    while tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        match meta.get(&key).await? {
-            None => return Ok(()),
-            Some(now) if now.mod_revision != first.mod_revision => {
-                return Err(torus_traits::Error::InvalidArgument(format!(
-                    "peer id {id} is in use by a live node at {theirs:?}: every node needs a \
-                     data directory of its own (was this one copied from that node's?)"
-                )));
-            }
-            Some(_) => {}
+    let key = keys::peer(info.id);
+    // Bounded: each round either claims, decides, or saw a record lapse.
+    for _ in 0..CLAIM_ROUNDS {
+        let claim = Txn::new()
+            .when([Compare::absent(key.clone())])
+            .and_then([TxnOp::put_with_lease(key.clone(), encode(info)?, lease)]);
+        if meta.txn(claim).await?.succeeded {
+            return Ok(());
+        }
+        let Some(first) = meta.get(&key).await? else {
+            continue; // lapsed between the two: claim again
+        };
+        let theirs = decode::<PeerInfo>(&key, &first.value)
+            .map(|info| info.address)
+            .unwrap_or_default();
+        if theirs == info.address {
+            return Ok(());
+        }
+        if !rewritten_within(meta, &key, first.mod_revision, ttl / 2).await? {
+            return Ok(());
+        }
+        if meta.get(&key).await?.is_some() {
+            return Err(torus_traits::Error::InvalidArgument(format!(
+                "peer id {} is in use by a live node at {theirs:?}: every node needs a \
+                 data directory of its own (was this one copied from that node's?)",
+                info.id
+            )));
         }
     }
-    Ok(())
+    Err(torus_traits::Error::Unavailable(format!(
+        "could not claim peer id {}: its record kept changing hands",
+        info.id
+    )))
+}
+
+/// How many times [`claim_id`] tries again after the record lapsed.
+const CLAIM_ROUNDS: usize = 5;
+
+/// Whether `key` (last written at `revision`) is rewritten or deleted
+/// within `wait`.
+async fn rewritten_within(
+    meta: &dyn MetadataStore,
+    key: &[u8],
+    revision: i64,
+    wait: std::time::Duration,
+) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match meta.get(key).await? {
+            Some(now) if now.mod_revision == revision => {}
+            _ => return Ok(true),
+        }
+    }
+    Ok(false)
 }
 
 /// Write this peer's record under its lease (and the lease-free copy).

@@ -59,6 +59,14 @@ async fn forget_removes_a_client_peer_record_but_not_a_ring_member() {
     assert_eq!(list[0].info.address, "torusblk@host");
 }
 
+/// `info` at `address`.
+fn at(id: PeerId, address: &str) -> PeerInfo {
+    PeerInfo {
+        address: address.into(),
+        ..info(id)
+    }
+}
+
 /// A node must not start under an id a live node uses (a copied data
 /// directory), and must start under the id of its own earlier run.
 #[tokio::test]
@@ -66,42 +74,40 @@ async fn an_id_in_use_by_a_live_node_is_refused() {
     let meta = std::sync::Arc::new(MemoryMetadata::new());
     let ttl = Duration::from_millis(600);
     let id = PeerId::random();
-    let mut other = info(id);
-    other.address = "10.0.0.1:40000".into();
+    let (one, two) = (at(id, "10.0.0.1:40000"), at(id, "10.0.0.2:40000"));
+    let mine = meta.grant(Duration::from_secs(10)).await.unwrap();
 
-    // Nobody has the id.
-    peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
-        .await
-        .unwrap();
+    // Nobody has the id: the claim writes the record.
+    peers::claim_id(&*meta, &two, mine, ttl).await.unwrap();
+    assert_eq!(
+        peers::list(&*meta).await.unwrap()[0].info.address,
+        two.address
+    );
+    meta.revoke(mine).await.unwrap();
+    let mine = meta.grant(Duration::from_secs(10)).await.unwrap();
 
     // Its record says this very address: this node's own earlier run.
     let lease = meta.grant(Duration::from_secs(10)).await.unwrap();
-    peers::heartbeat(&*meta, &other, lease).await.unwrap();
+    peers::heartbeat(&*meta, &one, lease).await.unwrap();
     let started = std::time::Instant::now();
-    peers::check_id_unused(&*meta, id, "10.0.0.1:40000", ttl)
-        .await
-        .unwrap();
+    peers::claim_id(&*meta, &one, mine, ttl).await.unwrap();
     assert!(started.elapsed() < Duration::from_millis(200), "no wait");
 
     // Another address, nobody rewriting it: a dead run's record.
-    peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
-        .await
-        .unwrap();
+    peers::claim_id(&*meta, &two, mine, ttl).await.unwrap();
 
     // Another address, rewritten as a live node does: refused, naming it.
     let beating = {
         let meta = meta.clone();
-        let other = other.clone();
+        let one = one.clone();
         tokio::spawn(async move {
             for _ in 0..100 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                peers::heartbeat(&*meta, &other, lease).await.unwrap();
+                peers::heartbeat(&*meta, &one, lease).await.unwrap();
             }
         })
     };
-    let e = peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
-        .await
-        .unwrap_err();
+    let e = peers::claim_id(&*meta, &two, mine, ttl).await.unwrap_err();
     assert!(e.to_string().contains("in use by a live node"), "{e}");
     assert!(e.to_string().contains("10.0.0.1:40000"), "{e}");
     beating.abort();
@@ -109,7 +115,45 @@ async fn an_id_in_use_by_a_live_node_is_refused() {
     // The live node's lease lapses (it died): its record goes, and the id
     // is free again.
     meta.revoke(lease).await.unwrap();
-    peers::check_id_unused(&*meta, id, "10.0.0.2:40000", ttl)
-        .await
-        .unwrap();
+    peers::claim_id(&*meta, &two, mine, ttl).await.unwrap();
+    assert_eq!(
+        peers::list(&*meta).await.unwrap()[0].info.address,
+        two.address
+    );
+}
+
+/// Two nodes starting at the same moment under one id (two clones of one
+/// data directory booted together): exactly one of them gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_nodes_starting_at_once_under_one_id_one_is_refused() {
+    let meta = std::sync::Arc::new(MemoryMetadata::new());
+    let ttl = Duration::from_millis(600);
+    for round in 0..5 {
+        let id = PeerId::random();
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let nodes = ["10.0.0.1:40000", "10.0.0.2:40000"].map(|address| {
+            let (meta, start, me) = (meta.clone(), start.clone(), at(id, address));
+            tokio::spawn(async move {
+                let lease = meta.grant(Duration::from_secs(10)).await.unwrap();
+                start.wait().await;
+                peers::claim_id(&*meta, &me, lease, ttl).await?;
+                // Started: heartbeats as a node does, every third of its TTL.
+                tokio::spawn(async move {
+                    for _ in 0..30 {
+                        peers::heartbeat(&*meta, &me, lease).await.unwrap();
+                        tokio::time::sleep(ttl / 3).await;
+                    }
+                });
+                Ok::<_, torus_traits::Error>(())
+            })
+        });
+        let mut started = 0;
+        for node in nodes {
+            match node.await.unwrap() {
+                Ok(()) => started += 1,
+                Err(e) => assert!(e.to_string().contains("in use by a live node"), "{e}"),
+            }
+        }
+        assert_eq!(started, 1, "round {round}: {started} nodes took the id");
+    }
 }
