@@ -78,6 +78,11 @@ pub struct PeerInfo {
     pub rebalance_rate: u64,
     /// When this record was written, in milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
+    /// How often the peer rewrites its live record, in milliseconds (a third
+    /// of its lease's TTL); 0 when unknown (a record written before this
+    /// field existed).
+    #[serde(default)]
+    pub heartbeat_ms: u64,
 }
 
 /// Ring membership: which peers hold data, and how many copies of each chunk.

@@ -229,7 +229,7 @@ impl Node {
         link.directory.set(opts.id, address.clone());
         // Only nodes that talk to peers can be confused with one another.
         if opts.transport.is_some() {
-            let record = peer_record(&replica, opts.id, address.clone(), 0).await?;
+            let record = peer_record(&replica, &opts, address.clone(), 0).await?;
             peers::claim_id(&*meta, &record, lease, opts.lease_ttl).await?;
         }
         let node = Node {
@@ -809,24 +809,26 @@ fn copy_rate(inner: &Inner) -> u64 {
 /// This node's peer record as of now.
 async fn peer_record(
     replica: &Replica,
-    id: PeerId,
+    opts: &NodeOptions,
     address: String,
     rebalance_rate: u64,
 ) -> Result<PeerInfo> {
     let store = replica.store();
     Ok(PeerInfo {
-        id,
+        id: opts.id,
         address,
         capacity: store.capacity(),
         used: store.used().await?,
         rebalance_rate,
         updated_unix_ms: catalog::now_ms(),
+        // heartbeat_loop's period.
+        heartbeat_ms: u64::try_from((opts.lease_ttl / 3).as_millis()).unwrap_or(u64::MAX),
     })
 }
 
 async fn heartbeat_once(inner: &Inner) -> Result<()> {
     let address = lock(&inner.address).clone();
-    let info = peer_record(&inner.replica, inner.opts.id, address, copy_rate(inner)).await?;
+    let info = peer_record(&inner.replica, &inner.opts, address, copy_rate(inner)).await?;
     let lease = *lock(&inner.lease);
     peers::heartbeat(&*inner.meta, &info, lease).await
 }

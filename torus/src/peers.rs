@@ -55,9 +55,10 @@ pub struct PeerStatus {
 /// earlier run (two live processes cannot listen on one address), and so
 /// is one at another address that nobody rewrites: a dead run's record,
 /// lapsing with its lease (a restart that picked a new port). A live node
-/// rewrites its record every third of its lease's TTL (`heartbeat`), so
-/// the record is watched for half the TTL: rewritten means alive. A record
-/// that lapses meanwhile is claimed anew.
+/// rewrites its record every third of its lease's TTL (`heartbeat`, the
+/// record's `heartbeat_ms`), so the record is watched for half a TTL, the
+/// longer of this node's and the record's (at most [`MAX_CLAIM_WAIT`]):
+/// rewritten means alive. A record that lapses meanwhile is claimed anew.
 pub async fn claim_id(
     meta: &dyn MetadataStore,
     info: &PeerInfo,
@@ -76,13 +77,23 @@ pub async fn claim_id(
         let Some(first) = meta.get(&key).await? else {
             continue; // lapsed between the two: claim again
         };
-        let theirs = decode::<PeerInfo>(&key, &first.value)
-            .map(|info| info.address)
+        let (theirs, their_beat) = decode::<PeerInfo>(&key, &first.value)
+            .map(|info| (info.address, info.heartbeat_ms))
             .unwrap_or_default();
         if theirs == info.address {
             return Ok(());
         }
-        if !rewritten_within(meta, &key, first.mod_revision, ttl / 2).await? {
+        // Half their TTL is one and a half of their heartbeat periods.
+        let wait = (ttl / 2)
+            .max(std::time::Duration::from_millis(
+                their_beat.saturating_mul(3) / 2,
+            ))
+            .min(MAX_CLAIM_WAIT);
+        tracing::info!(
+            id = %info.id, address = %theirs, ?wait,
+            "peer id has a record at another address; waiting to see whether that node is alive"
+        );
+        if !rewritten_within(meta, &key, first.mod_revision, wait).await? {
             return Ok(());
         }
         if meta.get(&key).await?.is_some() {
@@ -101,6 +112,10 @@ pub async fn claim_id(
 
 /// How many times [`claim_id`] tries again after the record lapsed.
 const CLAIM_ROUNDS: usize = 5;
+
+/// The longest [`claim_id`] watches another node's record, whatever its
+/// heartbeat period says.
+pub const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Whether `key` (last written at `revision`) is rewritten or deleted
 /// within `wait`.
@@ -188,6 +203,7 @@ pub async fn list(meta: &dyn MetadataStore) -> Result<Vec<PeerStatus>> {
                         used: 0,
                         rebalance_rate: 0,
                         updated_unix_ms: 0,
+                        heartbeat_ms: 0,
                     },
                 };
                 out.push(PeerStatus {

@@ -15,6 +15,7 @@ fn info(id: PeerId) -> PeerInfo {
         used: 0,
         rebalance_rate: 0,
         updated_unix_ms: 1,
+        heartbeat_ms: 0,
     }
 }
 
@@ -156,4 +157,37 @@ async fn of_two_nodes_starting_at_once_under_one_id_one_is_refused() {
         }
         assert_eq!(started, 1, "round {round}: {started} nodes took the id");
     }
+}
+
+/// The live node's lease is longer than this node's: its record is
+/// rewritten less often than this node's own TTL would suggest, and is
+/// still seen to be alive.
+#[tokio::test]
+async fn a_live_node_with_a_longer_lease_is_seen_alive() {
+    let meta = std::sync::Arc::new(MemoryMetadata::new());
+    let id = PeerId::random();
+    let beat = Duration::from_millis(400);
+    let one = PeerInfo {
+        heartbeat_ms: beat.as_millis() as u64,
+        ..at(id, "10.0.0.1:40000")
+    };
+    let lease = meta.grant(Duration::from_secs(10)).await.unwrap();
+    let beating = {
+        let meta = meta.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                peers::heartbeat(&*meta, &one, lease).await.unwrap();
+                tokio::time::sleep(beat).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // This node's TTL alone would watch for 150 ms, less than one period.
+    let mine = meta.grant(Duration::from_secs(10)).await.unwrap();
+    let two = at(id, "10.0.0.2:40000");
+    let e = peers::claim_id(&*meta, &two, mine, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("in use by a live node"), "{e}");
+    beating.abort();
 }
