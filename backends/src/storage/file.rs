@@ -59,6 +59,15 @@ use torus_traits::Result;
 /// 92–97 k IOPS; 256 KiB 4.03 GB/s then 57–60 k; 1 MiB 3.0–4.2 GB/s then
 /// 41 k, and its first pass, which allocates, ran at 0.7–0.8 GB/s against
 /// 1.2–1.4.
+///
+/// A range the page cache already holds in full (`sys::all_cached`) is
+/// written in one `pwrite`: the folios are there, whatever their size, and
+/// a write only creates folios for what is missing, so this changes no
+/// folio's size and saves the calls. Overwriting a 1 GiB file in 1 MiB
+/// writes whose folios came from 64 KiB pieces: 0.118–0.121 s of CPU per
+/// GB against 0.129–0.130 in pieces (the check included). For comparison,
+/// the same overwrite of folios made by 1 MiB writes costs 0.098: the price
+/// of keeping random writes fast.
 const WRITE_PIECE: usize = 64 << 10;
 
 /// Reads `len` bytes at `offset` into new memory that is not zeroed first,
@@ -203,7 +212,11 @@ impl ChunkIo for FileChunk {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        // In pieces: see WRITE_PIECE.
+        // Whole where the page cache already holds the range, else in
+        // pieces: see WRITE_PIECE.
+        if data.len() > WRITE_PIECE && sys::all_cached(&self.file, offset, data.len() as u64) {
+            return self.file.write_all_at(data, offset);
+        }
         let mut offset = offset;
         for piece in data.chunks(WRITE_PIECE) {
             self.file.write_all_at(piece, offset)?;
@@ -333,6 +346,49 @@ mod tests {
         assert!(
             got[4096..].iter().all(|&b| b == 4),
             "the refused writes changed nothing"
+        );
+    }
+
+    /// Large writes go whole only where the page cache holds every page of
+    /// the range: the check sees pages just written, and not a hole nobody
+    /// touched or pages dropped from the cache.
+    #[test]
+    fn the_page_cache_check_sees_what_is_cached() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        f.write_all_at(&vec![1u8; 1 << 20], 0).unwrap();
+        f.set_len(4 << 20).unwrap();
+        assert!(
+            sys::all_cached(&f, 0, 1 << 20),
+            "cachestat (Linux 6.5 and later) should see the pages just written"
+        );
+        assert!(sys::all_cached(&f, 4096 + 100, 8000), "an unaligned range");
+        assert!(!sys::all_cached(&f, 0, 2 << 20), "the hole after them");
+        assert!(!sys::all_cached(&f, 0, 0), "an empty range");
+        f.sync_data().unwrap();
+        // SAFETY: fadvise on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        assert!(!sys::all_cached(&f, 0, 1 << 20), "dropped from the cache");
+        // A large write over the dropped range still lands whole.
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+        let chunk = FileChunk::open(f.try_clone().unwrap(), 4 << 20).unwrap();
+        chunk.write(0, &data).unwrap();
+        assert!(sys::all_cached(&f, 0, 1 << 20));
+        chunk.write(4096, &data).unwrap();
+        let mut back = vec![0u8; (1 << 20) + 4096];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..4096], &data[..4096]);
+        assert!(
+            back[4096..] == data[..],
+            "the whole write over cached pages"
         );
     }
 

@@ -61,6 +61,66 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
+/// Whether every page of `[offset, offset+len)` is in the page cache now
+/// (`cachestat`, Linux 6.5). `false` when that cannot be asked: an older
+/// kernel or a filter refusing the call (after the first such answer it is
+/// not asked again), or any other error. A hint: pages can come and go
+/// right after.
+pub(crate) fn all_cached(file: &File, offset: u64, len: u64) -> bool {
+    static UNSUPPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    /// The syscall's number, the same on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 || UNSUPPORTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: cachestat on a descriptor kept open by the borrowed `file`,
+    // reading `range` and writing `stat`, both ours and of the layout the
+    // kernel's `struct cachestat_range` and `struct cachestat` have.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0 as libc::c_uint,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+            UNSUPPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        return false;
+    }
+    // Counted in pages: those the range touches, partly or whole.
+    let page = page_size();
+    let touched = offset.saturating_add(len - 1) / page - offset / page + 1;
+    stat.nr_cache >= touched
+}
+
+/// The system's page size (4 KiB when it cannot be read).
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
 /// Allocates `[offset, offset+len)` without changing the file size or data,
 /// so that later stores through a mapping cannot fail for lack of space.
 pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -234,9 +294,7 @@ impl Pinned {
     /// file, `mmap` or `mlock` fails: not supported, over the locked-memory
     /// limit, or an I/O error); the caller then reads with `pread`.
     pub(crate) fn map(file: &File, offset: u64, len: usize) -> Option<Pinned> {
-        // SAFETY: sysconf reads a constant of the system.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page = u64::try_from(page).ok().filter(|&p| p > 0)?;
+        let page = page_size();
         let end = offset.checked_add(len as u64)?;
         if len == 0 || !offset.is_multiple_of(page) || end > file.metadata().ok()?.len() {
             return None;
