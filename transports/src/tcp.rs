@@ -6,7 +6,10 @@
 //! connection's single writer task; the connection's reader task routes each
 //! reply to its waiter by id, so many calls are in flight at once and replies
 //! may come back in any order. When a connection breaks, every call waiting on
-//! it fails at once with `Unavailable`, and the next call connects anew.
+//! it fails at once with `Unavailable`, and the next call connects anew. A
+//! connection whose peer takes no data for the request timeout (a process
+//! that stopped reading while its kernel keeps the connection open) counts
+//! as broken, on both sides.
 //!
 //! **Server side.** [`TcpTransport::listen`] accepts connections; each one
 //! runs its requests concurrently (at most `max_in_flight`; when that many
@@ -403,25 +406,48 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for Buffered<W> {
 /// The one writer of a connection: writes queued frames, head then payload,
 /// and flushes when the queue runs dry, so replies that finish together share
 /// a segment (or a packet).
+///
+/// A write that makes no progress for `limit` (the request timeout) fails
+/// the connection: a peer whose process stopped reading (wedged, stopped)
+/// while its kernel or QUIC stack keeps the connection open would
+/// otherwise hold this writer, and every call queued behind it, forever;
+/// broken, the connection is dropped and the next call dials again.
 async fn write_frames<S: FrameSink>(
     mut out: S,
     mut queue: mpsc::Receiver<Encoded>,
+    limit: Duration,
 ) -> io::Result<()> {
     while let Some(frame) = queue.recv().await {
-        out.push(frame).await?;
+        bounded(limit, out.push(frame)).await?;
         while let Ok(frame) = queue.try_recv() {
-            out.push(frame).await?;
+            bounded(limit, out.push(frame)).await?;
         }
         // Let tasks that are already runnable queue their frames first (a
         // woken task runs right after its waker, so without this each frame
         // would cost its own send).
         tokio::task::yield_now().await;
         while let Ok(frame) = queue.try_recv() {
-            out.push(frame).await?;
+            bounded(limit, out.push(frame)).await?;
         }
-        out.flush().await?;
+        bounded(limit, out.flush()).await?;
     }
-    out.shutdown().await
+    bounded(limit, out.shutdown()).await
+}
+
+/// Runs `f`, failing with `TimedOut` when it waits longer than `limit`. The
+/// timer starts only once `f` has to wait: most writes are taken at once
+/// and cost no timer.
+async fn bounded<T>(limit: Duration, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let mut f = std::pin::pin!(f);
+    if let Some(done) = f.as_mut().now_or_never() {
+        return done;
+    }
+    timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took no data for {limit:?}"),
+        ))
+    })
 }
 
 /// Aborts a task when dropped, so a connection's tasks die with it.
@@ -655,8 +681,9 @@ where
     let writer = {
         let pending = pending.clone();
         let addr = addr.to_string();
+        let limit = opts.request_timeout;
         tokio::spawn(async move {
-            if let Err(e) = write_frames(S::new(w), rx).await {
+            if let Err(e) = write_frames(S::new(w), rx, limit).await {
                 pending.fail_all(Error::Unavailable(format!(
                     "connection to peer {addr} lost: write failed: {e}"
                 )));
@@ -927,7 +954,11 @@ where
     // Requests.
     let peer_max = hello.max_frame;
     let (replies, rx) = mpsc::channel(opts.max_in_flight);
-    let mut writer = AbortOnDrop(tokio::spawn(write_frames(S::new(w), rx)));
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(
+        S::new(w),
+        rx,
+        opts.request_timeout,
+    )));
     // Dropping the set (the connection ends or the listener is dropped) aborts
     // the handlers still running.
     let mut tasks = JoinSet::new();

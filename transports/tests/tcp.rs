@@ -622,3 +622,71 @@ async fn a_64_mib_payload_fits_the_default_limit() {
         .expect("64 MiB write");
     assert!(r == PeerResponse::Data(data));
 }
+
+/// A peer whose process stops reading while its kernel keeps the connection
+/// open: the writer blocked on it gives up after the request timeout and
+/// breaks the connection, so the next call dials again instead of queueing
+/// behind it for good.
+#[tokio::test]
+async fn a_peer_that_stops_reading_loses_its_connection_and_the_next_call_dials_again() {
+    let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = fake.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut s, _) = fake.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut buf = Vec::new();
+            let mut b = [0u8; 512];
+            while wire::decode_handshake(&buf).unwrap().is_none() {
+                let n = s.read(&mut b).await.unwrap();
+                buf.extend_from_slice(&b[..n]);
+            }
+            let accept = Hello {
+                version: Version::CURRENT,
+                max_frame: wire::DEFAULT_MAX_FRAME,
+                cluster: None,
+                peer: None,
+            };
+            s.write_all(&wire::encode_handshake(&Handshake::Accept(accept)).unwrap())
+                .await
+                .unwrap();
+            // Never read again, never close.
+            held.push(s);
+        }
+    });
+    let t = TcpTransport::new(TcpOptions {
+        request_timeout: Duration::from_millis(500),
+        ..TcpOptions::default()
+    });
+    // Far more than the socket buffers hold while nobody reads.
+    let big = PeerRequest::Write {
+        chunk: ChunkRef::new(VolumeId(1), 1),
+        offset: 0,
+        data: Bytes::from(vec![1u8; 16 * 1024 * 1024]),
+        epoch: Epoch(1),
+    };
+    let e = timeout(Duration::from_secs(5), t.call(&addr, big))
+        .await
+        .expect("the call must end by its timeout")
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Timeout(_) | Error::Unavailable(_)),
+        "{e:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Past the writer's own limit: the connection is broken and dropped.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let e = timeout(Duration::from_secs(5), t.call(&addr, PeerRequest::Ping))
+        .await
+        .expect("the call must end by its timeout")
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout(_)), "{e:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the second call must have dialled a new connection"
+    );
+}
