@@ -7,9 +7,10 @@
 //! reply to its waiter by id, so many calls are in flight at once and replies
 //! may come back in any order. When a connection breaks, every call waiting on
 //! it fails at once with `Unavailable`, and the next call connects anew. A
-//! connection whose peer takes no data for the request timeout (a process
-//! that stopped reading while its kernel keeps the connection open) counts
-//! as broken, on both sides.
+//! connection whose peer takes no data for the request timeout, or stops
+//! that long in the middle of a frame (a wedged process whose kernel keeps
+//! the connection open), counts as broken, on both sides; an idle one
+//! does not.
 //!
 //! **Server side.** [`TcpTransport::listen`] accepts connections; each one
 //! runs its requests concurrently (at most `max_in_flight`; when that many
@@ -311,14 +312,21 @@ struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     decoder: FrameDecoder,
+    /// How long the rest of a frame that has begun may take to come: a
+    /// peer that stops in the middle of one (a wedged process whose kernel
+    /// keeps the connection open) breaks the connection, as a peer that
+    /// stops reading does (`write_frames`). Between frames there is no
+    /// limit: an idle connection is fine.
+    stall: Duration,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    fn new(io: R, buf: BytesMut, max_frame: u32) -> Self {
+    fn new(io: R, buf: BytesMut, max_frame: u32, stall: Duration) -> Self {
         FrameReader {
             io,
             buf,
             decoder: FrameDecoder::new(max_frame),
+            stall,
         }
     }
 
@@ -331,7 +339,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            let mid_frame = !self.buf.is_empty();
+            let read = self.io.read_buf(&mut self.buf);
+            let n = if mid_frame {
+                bounded(self.stall, read).await?
+            } else {
+                read.await?
+            };
+            if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -445,7 +460,7 @@ async fn bounded<T>(limit: Duration, f: impl Future<Output = io::Result<T>>) -> 
     timeout(limit, f).await.unwrap_or_else(|_| {
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("the peer took no data for {limit:?}"),
+            format!("the peer made no progress for {limit:?}"),
         ))
     })
 }
@@ -674,7 +689,7 @@ where
     });
     let (queue, rx) = mpsc::channel(opts.max_in_flight);
     let reader = tokio::spawn(client_reader(
-        FrameReader::new(r, buf, opts.max_frame),
+        FrameReader::new(r, buf, opts.max_frame, opts.request_timeout),
         pending.clone(),
         addr.to_string(),
     ));
@@ -962,7 +977,7 @@ where
     // Dropping the set (the connection ends or the listener is dropped) aborts
     // the handlers still running.
     let mut tasks = JoinSet::new();
-    let mut frames = FrameReader::new(r, buf, opts.max_frame);
+    let mut frames = FrameReader::new(r, buf, opts.max_frame, opts.request_timeout);
     loop {
         let next = async {
             // Back-pressure: no slot, no read.

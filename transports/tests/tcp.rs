@@ -304,6 +304,35 @@ async fn truncated_frame_closes_the_connection() {
     still_serves(&t, &l).await;
 }
 
+/// A client that stops in the middle of a frame, keeping the connection
+/// open: the server gives up on it after the request timeout; one that is
+/// merely idle between frames keeps its connection.
+#[tokio::test]
+async fn a_frame_stalled_halfway_closes_the_connection_but_idleness_does_not() {
+    let (t, l, _) = server(TcpOptions {
+        request_timeout: Duration::from_millis(300),
+        ..TcpOptions::default()
+    })
+    .await;
+    let mut idle = handshaken(&l.local_addr()).await;
+    let mut s = handshaken(&l.local_addr()).await;
+    let mut f = 100u32.to_be_bytes().to_vec();
+    f.extend_from_slice(&[0; 10]);
+    s.write_all(&f).await.unwrap();
+    let started = Instant::now();
+    assert!(expect_closed(&mut s).await.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Idle for longer than that: still open (nothing to read, no EOF).
+    let mut b = [0u8; 16];
+    assert!(
+        timeout(Duration::from_millis(200), idle.read(&mut b))
+            .await
+            .is_err(),
+        "an idle connection must stay open"
+    );
+    still_serves(&t, &l).await;
+}
+
 #[tokio::test]
 async fn truncated_handshake_closes_the_connection() {
     let (t, l, _) = server(TcpOptions::default()).await;
