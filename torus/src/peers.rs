@@ -93,15 +93,17 @@ pub async fn claim_id(
             id = %info.id, address = %theirs, ?wait,
             "peer id has a record at another address; waiting to see whether that node is alive"
         );
-        if !rewritten_within(meta, &key, first.mod_revision, wait).await? {
-            return Ok(());
-        }
-        if meta.get(&key).await?.is_some() {
-            return Err(torus_traits::Error::InvalidArgument(format!(
-                "peer id {} is in use by a live node at {theirs:?}: every node needs a \
-                 data directory of its own (was this one copied from that node's?)",
-                info.id
-            )));
+        match watch(meta, &key, first.mod_revision, wait).await? {
+            // Nobody rewrites it: a dead run's record.
+            Watched::Unchanged => return Ok(()),
+            Watched::Rewritten => {
+                return Err(torus_traits::Error::InvalidArgument(format!(
+                    "peer id {} is in use by a live node at {theirs:?}: every node needs a \
+                     data directory of its own (was this one copied from that node's?)",
+                    info.id
+                )))
+            }
+            Watched::Lapsed => {} // claim again
         }
     }
     Err(torus_traits::Error::Unavailable(format!(
@@ -117,23 +119,31 @@ const CLAIM_ROUNDS: usize = 5;
 /// heartbeat period says.
 pub const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Whether `key` (last written at `revision`) is rewritten or deleted
-/// within `wait`.
-async fn rewritten_within(
+/// What became of a record watched by [`watch`].
+enum Watched {
+    Unchanged,
+    Rewritten,
+    Lapsed,
+}
+
+/// Watches `key` (last written at `revision`) for up to `wait`, until it is
+/// rewritten or deleted.
+async fn watch(
     meta: &dyn MetadataStore,
     key: &[u8],
     revision: i64,
     wait: std::time::Duration,
-) -> Result<bool> {
+) -> Result<Watched> {
     let deadline = tokio::time::Instant::now() + wait;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         match meta.get(key).await? {
             Some(now) if now.mod_revision == revision => {}
-            _ => return Ok(true),
+            Some(_) => return Ok(Watched::Rewritten),
+            None => return Ok(Watched::Lapsed),
         }
     }
-    Ok(false)
+    Ok(Watched::Unchanged)
 }
 
 /// Write this peer's record under its lease (and the lease-free copy).
