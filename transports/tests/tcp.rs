@@ -84,16 +84,34 @@ async fn expect_closed(s: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-/// A raw connection that has completed a valid handshake.
-async fn handshaken(addr: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let hello = Hello {
+/// The handshake of a peer of this version, in no cluster, without an id.
+fn plain_hello() -> Hello {
+    Hello {
         version: Version::CURRENT,
         max_frame: wire::DEFAULT_MAX_FRAME,
         cluster: None,
         peer: None,
-    };
-    s.write_all(&wire::encode_handshake(&Handshake::Hello(hello)).unwrap())
+    }
+}
+
+/// A fake server's side of the handshake on an accepted connection: reads
+/// the client's hello and accepts it.
+async fn accept_handshake(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 512];
+    while wire::decode_handshake(&buf).unwrap().is_none() {
+        let n = s.read(&mut b).await.unwrap();
+        buf.extend_from_slice(&b[..n]);
+    }
+    s.write_all(&wire::encode_handshake(&Handshake::Accept(plain_hello())).unwrap())
+        .await
+        .unwrap();
+}
+
+/// A raw connection that has completed a valid handshake.
+async fn handshaken(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&wire::encode_handshake(&Handshake::Hello(plain_hello())).unwrap())
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -499,22 +517,8 @@ async fn peer_closing_abruptly_after_a_request_fails_the_call() {
     let addr = fake.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         let (mut s, _) = fake.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let mut b = [0u8; 512];
-        while wire::decode_handshake(&buf).unwrap().is_none() {
-            let n = s.read(&mut b).await.unwrap();
-            buf.extend_from_slice(&b[..n]);
-        }
-        let accept = Hello {
-            version: Version::CURRENT,
-            max_frame: wire::DEFAULT_MAX_FRAME,
-            cluster: None,
-            peer: None,
-        };
-        s.write_all(&wire::encode_handshake(&Handshake::Accept(accept)).unwrap())
-            .await
-            .unwrap();
-        let _ = s.read(&mut b).await;
+        accept_handshake(&mut s).await;
+        let _ = s.read(&mut [0u8; 512]).await;
         drop(s);
     });
     let t = TcpTransport::new(TcpOptions::default());
@@ -667,21 +671,7 @@ async fn a_peer_that_stops_reading_loses_its_connection_and_the_next_call_dials_
         loop {
             let (mut s, _) = fake.accept().await.unwrap();
             counted.fetch_add(1, Ordering::SeqCst);
-            let mut buf = Vec::new();
-            let mut b = [0u8; 512];
-            while wire::decode_handshake(&buf).unwrap().is_none() {
-                let n = s.read(&mut b).await.unwrap();
-                buf.extend_from_slice(&b[..n]);
-            }
-            let accept = Hello {
-                version: Version::CURRENT,
-                max_frame: wire::DEFAULT_MAX_FRAME,
-                cluster: None,
-                peer: None,
-            };
-            s.write_all(&wire::encode_handshake(&Handshake::Accept(accept)).unwrap())
-                .await
-                .unwrap();
+            accept_handshake(&mut s).await;
             // Never read again, never close.
             held.push(s);
         }
