@@ -24,8 +24,60 @@ async fn still_serves(srv: &TestServer) {
 
 #[tokio::test]
 async fn go_then_read_write_flush_trim_zeroes() {
+    every_command(NbdOptions::default()).await
+}
+
+/// The same session with each connection on the caller's runtime instead
+/// of the per-core connection threads.
+#[tokio::test]
+async fn every_command_on_the_callers_runtime() {
+    every_command(NbdOptions {
+        connection_threads: false,
+        ..NbdOptions::default()
+    })
+    .await
+}
+
+/// Connections are spread over the per-core threads, each whole on one,
+/// and leave their thread's count when they end.
+#[tokio::test]
+async fn connections_spread_over_the_connection_threads() {
     within(30, async {
         let srv = TestServer::start(NbdOptions::default()).await;
+        let threads = torus_frontends::nbd::connections_per_thread().len();
+        assert!(threads >= 1, "no connection threads");
+        let mut clients = Vec::new();
+        for _ in 0..threads * 2 {
+            let (c, _) = Client::attach(srv.addr, "alpha").await;
+            clients.push(c);
+        }
+        // Every connection counts from its accept: all are counted by now.
+        assert_eq!(
+            torus_frontends::nbd::connections_per_thread(),
+            vec![2; threads]
+        );
+        for c in &mut clients {
+            c.write(0, b"each", 0).await.unwrap();
+            c.disconnect().await;
+            c.expect_closed().await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while torus_frontends::nbd::connections_per_thread() != vec![0; threads] {
+            assert!(
+                Instant::now() < deadline,
+                "connections still counted: {:?}",
+                torus_frontends::nbd::connections_per_thread()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        srv.shutdown().await;
+    })
+    .await
+}
+
+async fn every_command(options: NbdOptions) {
+    within(30, async {
+        let srv = TestServer::start(options).await;
         let (mut c, d) = Client::attach(srv.addr, "alpha").await;
         assert_eq!(d.size, 16 * MIB);
         let want = FLAG_HAS_FLAGS

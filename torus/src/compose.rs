@@ -250,6 +250,7 @@ pub async fn start(cfg: &Config) -> Result<RunningNode> {
             loopback_congestion: Some(cfg.nbd.loopback_congestion.clone())
                 .filter(|name| !name.is_empty()),
             busy_poll: cfg.nbd.busy_poll,
+            connection_threads: cfg.nbd.connection_threads,
             ..NbdOptions::default()
         };
         let provider: Arc<dyn VolumeProvider> = Arc::new(node.clone());

@@ -163,6 +163,11 @@ pub struct NbdConfig {
     /// at one request in flight, for a core spinning between requests.
     #[serde(with = "torus_backends::duration_text")]
     pub busy_poll: Duration,
+    /// Run each NBD connection whole on one of a set of threads, one per
+    /// core, instead of spreading its work over the node's runtime: one
+    /// busy client then leaves the other cores to the workloads (README,
+    /// Performance).
+    pub connection_threads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +281,7 @@ impl Default for NbdConfig {
             splice_reads: false,
             loopback_congestion: torus_frontends::nbd::DEFAULT_LOOPBACK_CONGESTION.into(),
             busy_poll: torus_frontends::nbd::DEFAULT_BUSY_POLL,
+            connection_threads: true,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - `replies`: the reply stream, batched, with large payloads sent in the
 //!   same `writev` as their header.
 //! - `splice`: large `READ` payloads that are file pages, sent by reference.
+//! - `shards`: the per-core threads connections run on.
 //!
 //! The export name is the volume name; the protocol followed is the
 //! canonical NetworkBlockDevice `doc/proto.md` (fixed newstyle handshake,
@@ -15,6 +16,7 @@ mod congestion;
 pub mod proto;
 mod replies;
 mod server;
+mod shards;
 mod splice;
 
 pub use congestion::{
@@ -25,3 +27,4 @@ pub use server::{
     busy_poll_hits, busy_polling_now, check_busy_poll, NbdFrontend, NbdOptions, DEFAULT_BUSY_POLL,
     MAX_BUSY_POLL,
 };
+pub use shards::connections_per_thread;

@@ -1,7 +1,9 @@
 //! The NBD server: a [`Frontend`] that exports every volume of a
 //! [`VolumeProvider`] over TCP.
 //!
-//! One task per connection. The handshake (fixed newstyle) runs under a
+//! One task per connection, on one of the per-core connection threads
+//! (`shards`; [`NbdOptions::connection_threads`]), where all of the
+//! connection's tasks stay. The handshake (fixed newstyle) runs under a
 //! timeout; then the connection splits in three kinds of task:
 //!
 //! - the **reader** (the connection task itself) reads request headers in
@@ -10,9 +12,10 @@
 //!   for a client that sends one request at a time it busy-polls briefly for
 //!   the next header instead of sleeping ([`NbdOptions::busy_poll`]);
 //! - one **request task** per accepted request calls the device, so the
-//!   requests of one connection run concurrently (and on both cores: run
-//!   on the reader instead, as the peer server does, random reads fell
-//!   by a fifth); a request that panics gets `EIO`. Large writes are the
+//!   requests of one connection run concurrently, overlapping their waits
+//!   (on the node's shared runtime, where they also spread over both
+//!   cores, running them on the reader instead, as the peer server does,
+//!   cost a fifth of random reads); a request that panics gets `EIO`. Large writes are the
 //!   exception: the reader runs them until they first wait, and only then
 //!   hands them to a task ([`INLINE_WRITE_MIN`]);
 //! - one **writer** task writes the replies it receives on a channel. Small
@@ -45,6 +48,7 @@ use super::proto::{
     OPTION_HEADER_LEN, REQUEST_HEADER_LEN,
 };
 use super::replies::{ReplyWriter, WRITE_BUFFER};
+use super::shards;
 use super::splice::Splicer;
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -120,6 +124,10 @@ pub struct NbdOptions {
     /// one core at most, whatever the number of such clients. At most
     /// [`MAX_BUSY_POLL`].
     pub busy_poll: Duration,
+    /// Run each connection whole on one of a set of threads, one per core
+    /// and shared by the process, the least busy one (see `shards`),
+    /// instead of on the caller's runtime. On by default.
+    pub connection_threads: bool,
 }
 
 /// Connections busy-polling right now, in this process: at most
@@ -196,6 +204,7 @@ impl Default for NbdOptions {
             splice_reads: false,
             loopback_congestion: Some(congestion::DEFAULT.into()),
             busy_poll: DEFAULT_BUSY_POLL,
+            connection_threads: true,
         }
     }
 }
@@ -305,13 +314,31 @@ impl Frontend for NbdFrontend {
                 _ = stopped(&mut shutdown) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(run_connection(
-                            stream,
-                            peer,
-                            self.provider.clone(),
-                            self.options.clone(),
-                            stop_rx.clone(),
-                        ));
+                        let provider = self.provider.clone();
+                        let options = self.options.clone();
+                        let stop = stop_rx.clone();
+                        match self.options.connection_threads.then(shards::place).flatten() {
+                            Some(placed) => match stream.into_std() {
+                                Ok(stream) => {
+                                    let handle = placed.handle.clone();
+                                    connections.spawn_on(async move {
+                                        let _placed = placed;
+                                        // Registered with this thread's reactor.
+                                        match TcpStream::from_std(stream) {
+                                            Ok(stream) => {
+                                                run_connection(stream, peer, provider, options, stop)
+                                                    .await
+                                            }
+                                            Err(e) => warn!(%peer, "NBD: cannot take the connection on: {e}"),
+                                        }
+                                    }, &handle);
+                                }
+                                Err(e) => warn!(%peer, "NBD: cannot hand the connection over: {e}"),
+                            },
+                            None => {
+                                connections.spawn(run_connection(stream, peer, provider, options, stop));
+                            }
+                        }
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
