@@ -18,6 +18,10 @@
 //! worker did as well for one connection, but cost four connections 15 %:
 //! they need both cores.)
 //!
+//! The price: one connection's requests share one core, where on the
+//! shared runtime a single busy connection could spread them over
+//! several (`NbdOptions::connection_threads` turns this off).
+//!
 //! The server moves a connection's socket to its shard's own reactor, so
 //! its readiness wakes that thread directly. What a request
 //! reaches beyond the connection (peer connections, the metadata store)
