@@ -75,6 +75,63 @@ async fn connections_spread_over_the_connection_threads() {
     .await
 }
 
+/// Opening a volume starts what outlives the connection (a volume's
+/// background work, peer connections), so connections on the connection
+/// threads open volumes on the server's own runtime, not on their thread.
+#[tokio::test]
+async fn volumes_are_opened_on_the_servers_runtime() {
+    struct Recording {
+        inner: Arc<MemoryVolumes>,
+        opened_on: std::sync::Mutex<Vec<String>>,
+    }
+    #[async_trait::async_trait]
+    impl torus_traits::VolumeProvider for Recording {
+        async fn list(&self) -> torus_traits::Result<Vec<torus_traits::ExportInfo>> {
+            self.inner.list().await
+        }
+        async fn info(&self, name: &str) -> torus_traits::Result<torus_traits::ExportInfo> {
+            self.inner.info(name).await
+        }
+        async fn open(
+            &self,
+            name: &str,
+            read_only: bool,
+        ) -> torus_traits::Result<Arc<dyn torus_traits::BlockDevice>> {
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            self.opened_on.lock().unwrap().push(thread);
+            self.inner.open(name, read_only).await
+        }
+    }
+    within(30, async {
+        let vols = Arc::new(MemoryVolumes::new());
+        vols.create("alpha", 16 * MIB).unwrap();
+        let provider = Arc::new(Recording {
+            inner: vols,
+            opened_on: Default::default(),
+        });
+        let frontend = torus_frontends::NbdFrontend::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            provider.clone(),
+            NbdOptions::default(),
+        )
+        .await
+        .unwrap();
+        let addr = torus_traits::Frontend::local_addr(&frontend).unwrap();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move { torus_traits::Frontend::serve(&frontend, rx).await });
+        let here = std::thread::current().name().unwrap_or("").to_owned();
+        let (mut c, _) = Client::attach(addr, "alpha").await;
+        c.write(0, b"data", 0).await.unwrap();
+        assert_eq!(c.read(0, 4).await.unwrap(), b"data");
+        c.disconnect().await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        let opened_on = provider.opened_on.lock().unwrap().clone();
+        assert_eq!(opened_on, vec![here], "opened on the wrong thread");
+    })
+    .await
+}
+
 async fn every_command(options: NbdOptions) {
     within(30, async {
         let srv = TestServer::start(options).await;
@@ -1014,7 +1071,10 @@ async fn one_at_a_time(srv: &TestServer, rounds: u64, base: u64) {
 /// and the polling reader share one thread, with the longest poll allowed,
 /// and with a second connection served meanwhile, it takes about as long
 /// as without polling (a poll that held the thread would cost up to 10 ms
-/// per request: about 4 s more here).
+/// per request: about 4 s more here). The connections run on the test's
+/// runtime, not on the connection threads, which would put them on
+/// different threads wherever there are two cores; each connection
+/// thread is such a single-threaded runtime too.
 #[tokio::test(flavor = "current_thread")]
 async fn busy_polling_for_the_next_request_starves_nothing() {
     within(120, async {
@@ -1022,6 +1082,7 @@ async fn busy_polling_for_the_next_request_starves_nothing() {
         for poll in [Duration::ZERO, torus_frontends::nbd::MAX_BUSY_POLL] {
             let options = NbdOptions {
                 busy_poll: poll,
+                connection_threads: false,
                 ..NbdOptions::default()
             };
             let srv = TestServer::start(options).await;

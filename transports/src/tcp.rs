@@ -141,6 +141,12 @@ pub struct TcpTransport {
 struct Inner {
     opts: Arc<TcpOptions>,
     peers: Mutex<HashMap<String, Arc<PeerSlot>>>,
+    /// The runtime this transport was made on, where it dials: a
+    /// connection's tasks and socket belong to the runtime that made them,
+    /// and a connection shared by the whole node must not live on the
+    /// thread of whichever caller happened to dial (a frontend's
+    /// per-connection thread, say). `None` outside a runtime: dial in place.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// The connections to one remote address.
@@ -183,6 +189,7 @@ impl TcpTransport {
             inner: Arc::new(Inner {
                 opts: Arc::new(opts.normalized()),
                 peers: Mutex::new(HashMap::new()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -246,7 +253,17 @@ impl TcpTransport {
         // Boxed: dialing (with a TLS handshake) is a future of kilobytes,
         // and inline it would make every call's future that large, to be
         // moved into its box on every call, while almost none ever dials.
-        match Box::pin(connect(addr, opts)).await {
+        let dialed = match &self.inner.runtime {
+            Some(runtime) => {
+                let (addr, opts) = (addr.to_owned(), opts.clone());
+                runtime
+                    .spawn(async move { connect(&addr, &opts).await })
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Other(format!("dialing failed: {e}"))))
+            }
+            None => Box::pin(connect(addr, opts)).await,
+        };
+        match dialed {
             Ok(conn) => {
                 *last_failure = None;
                 let conn = Arc::new(conn);

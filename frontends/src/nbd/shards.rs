@@ -23,14 +23,22 @@
 //! several (`NbdOptions::connection_threads` turns this off).
 //!
 //! The server moves a connection's socket to its shard's own reactor, so
-//! its readiness wakes that thread directly. What a request
-//! reaches beyond the connection (peer connections, the metadata store)
-//! keeps running where it was started; tasks the device spawns from a
-//! connection run on its shard.
+//! its readiness wakes that thread directly. What outlives a connection
+//! stays off these threads: the server opens volumes on the node's runtime
+//! (a volume's background work, its heal loop and the peer connections it
+//! dials, start there), and the TCP peer transport dials on the runtime it
+//! was made on. Tasks a request spawns run on its shard.
 //!
-//! The threads are made on first use and live as long as the process: a
-//! task spawned from a connection (a volume's close, say) may outlive the
-//! frontend that started it, and must not be dropped half done.
+//! A call that blocks its thread (a write the kernel throttles, say)
+//! holds up every connection on that shard until it returns, where on the
+//! shared runtime another worker would take their tasks over; the stores
+//! bound that (large writes that were slow go to the blocking pool for a
+//! while, see `torus_backends`).
+//!
+//! The threads are made on first use and live as long as the process, so
+//! that a task spawned from a connection (a volume's close, say) is not
+//! dropped half done with the frontend that started it; at exit they end
+//! with the process, as the node's runtime's tasks do.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -81,17 +89,30 @@ fn shards() -> Option<&'static [Shard]> {
     (!shards.is_empty()).then_some(shards.as_slice())
 }
 
-/// Starts shard thread `i`; its runtime runs until the process ends.
+/// Starts shard thread `i`; its runtime runs until the process ends. The
+/// runtime is built on the new thread itself: one that failed to start
+/// must not leave a runtime to be dropped here, inside the caller's.
 fn start(i: usize) -> std::io::Result<Handle> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name(format!("nbd-conn-{i}"))
-        .build()?;
-    let handle = runtime.handle().clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name(format!("nbd-conn-{i}"))
-        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
-    Ok(handle)
+        .spawn(move || {
+            let built = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name(format!("nbd-conn-{i}-blk"))
+                .build();
+            match built {
+                Ok(runtime) => {
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(std::future::pending::<()>())
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the thread ended before its runtime started"))?
 }
 
 /// The shard serving the fewest connections, now counting one more; `None`
