@@ -709,3 +709,50 @@ async fn a_peer_that_stops_reading_loses_its_connection_and_the_next_call_dials_
         "the second call must have dialled a new connection"
     );
 }
+
+/// Callers on the node's multi-threaded runtime share one connection per
+/// peer; a caller on a single-threaded runtime of its own (an NBD
+/// connection thread) dials connections of its own on its thread, which
+/// keep serving it after the other callers' runtime is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_threaded_callers_get_connections_of_their_own() {
+    let (t, l, _) = server(TcpOptions::default()).await;
+    let t = Arc::new(t);
+    let addr = l.local_addr();
+    for _ in 0..3 {
+        let (t, addr) = (t.clone(), addr.clone());
+        tokio::spawn(async move { t.call(&addr, PeerRequest::Ping).await })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(l.connections_accepted(), 1, "the shared pool dials once");
+    // Two threads with runtimes of their own: a connection each, made and
+    // used there, reused by their later calls.
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (t, addr) = (t.clone(), addr.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for _ in 0..3 {
+                        assert_eq!(
+                            t.call(&addr, PeerRequest::Ping).await.unwrap(),
+                            PeerResponse::Pong
+                        );
+                    }
+                })
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    assert_eq!(l.connections_accepted(), 3);
+    // Their runtimes are gone with their connections; the shared one serves on.
+    still_serves(&t, &l).await;
+    assert_eq!(l.connections_accepted(), 3);
+}

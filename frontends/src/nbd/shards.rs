@@ -26,8 +26,10 @@
 //! its readiness wakes that thread directly. What outlives a connection
 //! stays off these threads: the server opens volumes on the node's runtime
 //! (a volume's background work, its heal loop and the peer connections it
-//! dials, start there), and the TCP peer transport dials on the runtime it
-//! was made on. Tasks a request spawns run on its shard.
+//! dials, start there). Tasks a request spawns run on its shard, and the
+//! TCP peer transport gives each shard peer connections of its own, made
+//! on it, so a replicated write does not cross threads (`torus_transports`'
+//! `TcpTransport::connection`).
 //!
 //! A call that blocks its thread (a write the kernel throttles, say)
 //! holds up every connection on that shard until it returns, where on the
