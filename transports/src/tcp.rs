@@ -144,7 +144,7 @@ struct Inner {
     /// The connection pools: one per peer address for callers on a
     /// multi-threaded runtime, and one per address and thread for callers
     /// on a single-threaded one (see `connection`).
-    peers: Mutex<HashMap<(String, Option<ThreadId>), Arc<PeerSlot>>>,
+    peers: Mutex<HashMap<PoolKey, Arc<PeerSlot>>>,
     /// The runtime this transport was made on, where the shared pools dial:
     /// a connection's tasks and socket belong to the runtime that made
     /// them, and a connection the whole node shares must not live on the
@@ -152,6 +152,9 @@ struct Inner {
     /// runtime: dial in place.
     runtime: Option<tokio::runtime::Handle>,
 }
+
+/// A pool's peer address, and the thread it belongs to (`None`: shared).
+type PoolKey = (String, Option<ThreadId>);
 
 /// The connections to one remote address.
 #[derive(Default)]
