@@ -43,7 +43,7 @@
 //! with the process, as the node's runtime's tasks do.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
 use tracing::warn;
@@ -51,14 +51,14 @@ use tracing::warn;
 /// One thread and its runtime, and how many connections it serves now.
 struct Shard {
     handle: Handle,
-    connections: Arc<AtomicUsize>,
+    connections: AtomicUsize,
 }
 
 /// Where a connection runs, held by the connection for its whole life: it
 /// counts towards its shard's load until dropped.
 pub(crate) struct Placed {
     pub(crate) handle: Handle,
-    connections: Arc<AtomicUsize>,
+    connections: &'static AtomicUsize,
 }
 
 impl Drop for Placed {
@@ -78,7 +78,7 @@ fn shards() -> Option<&'static [Shard]> {
             match start(i) {
                 Ok(handle) => shards.push(Shard {
                     handle,
-                    connections: Arc::new(AtomicUsize::new(0)),
+                    connections: AtomicUsize::new(0),
                 }),
                 Err(e) => {
                     warn!("NBD: cannot start connection thread {i}: {e}");
@@ -126,7 +126,7 @@ pub(crate) fn place() -> Option<Placed> {
     shard.connections.fetch_add(1, Ordering::Relaxed);
     Some(Placed {
         handle: shard.handle.clone(),
-        connections: shard.connections.clone(),
+        connections: &shard.connections,
     })
 }
 
