@@ -322,33 +322,14 @@ impl Frontend for NbdFrontend {
             tokio::select! {
                 _ = stopped(&mut shutdown) => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let provider = provider.clone();
-                        let options = self.options.clone();
-                        let stop = stop_rx.clone();
-                        match self.options.connection_threads.then(shards::place).flatten() {
-                            Some(placed) => match stream.into_std() {
-                                Ok(stream) => {
-                                    let handle = placed.handle.clone();
-                                    connections.spawn_on(async move {
-                                        let _placed = placed;
-                                        // Registered with this thread's reactor.
-                                        match TcpStream::from_std(stream) {
-                                            Ok(stream) => {
-                                                run_connection(stream, peer, provider, options, stop)
-                                                    .await
-                                            }
-                                            Err(e) => warn!(%peer, "NBD: cannot take the connection on: {e}"),
-                                        }
-                                    }, &handle);
-                                }
-                                Err(e) => warn!(%peer, "NBD: cannot hand the connection over: {e}"),
-                            },
-                            None => {
-                                connections.spawn(run_connection(stream, peer, provider, options, stop));
-                            }
-                        }
-                    }
+                    Ok((stream, peer)) => spawn_connection(
+                        &mut connections,
+                        stream,
+                        peer,
+                        provider.clone(),
+                        self.options.clone(),
+                        stop_rx.clone(),
+                    ),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         warn!(error = %e, "NBD accept failed");
@@ -385,6 +366,39 @@ impl Frontend for NbdFrontend {
         info!("NBD server stopped");
         Ok(())
     }
+}
+
+/// Starts a connection's task: whole on a connection thread, its socket
+/// moved to that thread's reactor, when `options.connection_threads` (and
+/// there is one), else on this runtime.
+fn spawn_connection(
+    connections: &mut JoinSet<()>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    provider: Arc<dyn VolumeProvider>,
+    options: Arc<NbdOptions>,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(placed) = options.connection_threads.then(shards::place).flatten() else {
+        connections.spawn(run_connection(stream, peer, provider, options, stop));
+        return;
+    };
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!(%peer, "NBD: cannot hand the connection over: {e}");
+            return;
+        }
+    };
+    let handle = placed.handle.clone();
+    let connection = async move {
+        let _placed = placed;
+        match TcpStream::from_std(stream) {
+            Ok(stream) => run_connection(stream, peer, provider, options, stop).await,
+            Err(e) => warn!(%peer, "NBD: cannot take the connection on: {e}"),
+        }
+    };
+    connections.spawn_on(connection, &handle);
 }
 
 /// A provider whose opens run on `runtime`, the node's: what opening a
