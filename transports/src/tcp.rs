@@ -381,7 +381,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let mid_frame = !self.buf.is_empty();
             let read = self.io.read_buf(&mut self.buf);
             let n = if mid_frame {
-                bounded(self.stall, read).await?
+                unless_stalled(self.stall, read).await?
             } else {
                 read.await?
             };
@@ -472,26 +472,29 @@ async fn write_frames<S: FrameSink>(
     limit: Duration,
 ) -> io::Result<()> {
     while let Some(frame) = queue.recv().await {
-        bounded(limit, out.push(frame)).await?;
+        unless_stalled(limit, out.push(frame)).await?;
         while let Ok(frame) = queue.try_recv() {
-            bounded(limit, out.push(frame)).await?;
+            unless_stalled(limit, out.push(frame)).await?;
         }
         // Let tasks that are already runnable queue their frames first (a
         // woken task runs right after its waker, so without this each frame
         // would cost its own send).
         tokio::task::yield_now().await;
         while let Ok(frame) = queue.try_recv() {
-            bounded(limit, out.push(frame)).await?;
+            unless_stalled(limit, out.push(frame)).await?;
         }
-        bounded(limit, out.flush()).await?;
+        unless_stalled(limit, out.flush()).await?;
     }
-    bounded(limit, out.shutdown()).await
+    unless_stalled(limit, out.shutdown()).await
 }
 
 /// Runs `f`, failing with `TimedOut` when it waits longer than `limit`. The
 /// timer starts only once `f` has to wait: most writes are taken at once
 /// and cost no timer.
-async fn bounded<T>(limit: Duration, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+async fn unless_stalled<T>(
+    limit: Duration,
+    f: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
     let mut f = std::pin::pin!(f);
     if let Some(done) = f.as_mut().now_or_never() {
         return done;
